@@ -1,0 +1,183 @@
+"""Noise-level schedules and step discretisations (Karras et al. 2022, "EDM", Table 1 and App. C).
+
+Every function here is a small pure function of arrays (jnp or numpy, whichever it is given),
+so it works on traced values inside `jax.jit` and on float64 numpy on the host, where the
+samplers build their step tables exactly as NVlabs/edm does (in float64).
+
+Notation: a process has a noise level sigma(t) and a scale s(t); the probability-flow ODE is
+dx/dt = (sigma'(t)/sigma(t) + s'(t)/s(t)) x - sigma'(t) s(t)/sigma(t) D(x/s(t); sigma(t)).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import jax.numpy as jnp
+
+
+def _np(x):
+    """numpy for numpy/python inputs, jax.numpy for jax arrays and tracers."""
+    return np if isinstance(x, (np.ndarray, np.generic, float, int)) else jnp
+
+
+# ---------------------------------------------------------------------------------------------
+# EDM: sigma(t) = t, s(t) = 1, and the rho-discretisation of the noise levels.
+
+def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0) -> np.ndarray:
+    """EDM eq. (5): sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N.
+
+    Returns the N noise levels in float64, largest first (the sampler appends sigma_N = 0).
+    """
+    if num_steps < 2:
+        raise ValueError(f'num_steps must be at least 2, got {num_steps}')
+    i = np.arange(num_steps, dtype=np.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + i / (num_steps - 1) * (b - a)) ** rho
+
+
+def clamp_sigma_range(sigma_min: float, sigma_max: float, net_sigma_min: float = 0.0,
+                      net_sigma_max: float = float('inf')) -> tuple[float, float]:
+    """Restrict a sampler's [sigma_min, sigma_max] to the range the denoiser supports."""
+    return max(sigma_min, net_sigma_min), min(sigma_max, net_sigma_max)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score-SDE VP (Song et al. 2021): sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),
+# s(t) = 1 / sqrt(1 + sigma(t)^2).
+
+def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1):
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    xp = _np(t)
+    return xp.sqrt(xp.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
+
+
+def vp_sigma_deriv(t, beta_d: float = 19.9, beta_min: float = 0.1):
+    """sigma'(t) = (beta_min + beta_d t) (sigma(t) + 1/sigma(t)) / 2."""
+    sigma = vp_sigma(t, beta_d, beta_min)
+    return 0.5 * (beta_min + beta_d * t) * (sigma + 1 / sigma)
+
+
+def vp_sigma_inv(sigma, beta_d: float = 19.9, beta_min: float = 0.1):
+    """t(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d."""
+    xp = _np(sigma)
+    return (xp.sqrt(beta_min ** 2 + 2 * beta_d * xp.log(1 + sigma ** 2)) - beta_min) / beta_d
+
+
+def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """(beta_d, beta_min) with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max (EDM App. C.2)."""
+    beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+    beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * beta_d
+    return float(beta_d), float(beta_min)
+
+
+def vp_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> np.ndarray:
+    """VP discretisation: t_i = 1 + i/(N-1) (epsilon_s - 1), sigma_i = sigma(t_i), with the betas
+    fitted to [sigma_min, sigma_max]."""
+    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
+    i = np.arange(num_steps, dtype=np.float64)
+    return vp_sigma(1 + i / (num_steps - 1) * (epsilon_s - 1), beta_d, beta_min)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score-SDE VE: sigma(t) = sqrt(t), s(t) = 1.
+
+def ve_sigma(t):
+    """sigma(t) = sqrt(t)."""
+    return _np(t).sqrt(t)
+
+
+def ve_sigma_deriv(t):
+    """sigma'(t) = 1 / (2 sqrt(t))."""
+    return 0.5 / _np(t).sqrt(t)
+
+
+def ve_sigma_inv(sigma):
+    """t(sigma) = sigma^2."""
+    return sigma ** 2
+
+
+def ve_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """VE discretisation: geometric noise levels, sigma_i^2 = smax^2 (smin^2 / smax^2)^(i/(N-1))."""
+    i = np.arange(num_steps, dtype=np.float64)
+    return np.sqrt(sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** (i / (num_steps - 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# iDDPM (Nichol & Dhariwal 2021) as a table of noise levels u_0 > u_1 > ... > u_M = 0.
+
+def iddpm_alpha_bar(j, M: int = 1000, C_2: float = 0.008):
+    """alpha_bar(j) = sin^2(pi j / (2 M (1 + C_2))) (the cosine schedule, EDM App. C.3.2)."""
+    xp = _np(j)
+    return xp.sin(0.5 * np.pi * j / M / (C_2 + 1)) ** 2
+
+
+def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype=np.float64) -> np.ndarray:
+    """Noise levels of iDDPM's M steps, u_0 > ... > u_M = 0 (EDM App. C.3.2):
+
+        u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1).
+
+    alpha_bar and the ratio are evaluated in float32 because NVlabs/edm does so (PyTorch's
+    default dtype) and the recursion amplifies their rounding: a float64 table differs from
+    EDM's by up to 5e-4 relative, this one by about 1e-6. `dtype` is the precision of the
+    recursion: float32 in EDM's iDDPMPrecond, float64 in its generalised sampler. A converted
+    EDM checkpoint carries its exact table (the `u` buffer), which `IDDPMPrecond` then uses.
+    """
+    j = np.arange(1, M + 1).astype(np.float32)
+    ratio = iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)
+    ratio = np.maximum(ratio, np.float32(C_1)).astype(dtype)
+    u = np.zeros(M + 1, dtype=dtype)
+    for k in range(M, 0, -1):
+        u[k - 1] = np.sqrt((u[k] ** 2 + 1) / ratio[k - 1] - 1)
+    return u
+
+
+def iddpm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, u: np.ndarray) -> np.ndarray:
+    """iDDPM discretisation: the u_j inside [sigma_min, sigma_max], evenly subsampled to N levels
+    (index round((len - 1) i / (N - 1)), rounding half to even as PyTorch does)."""
+    inside = u[(u >= sigma_min) & (u <= sigma_max)]
+    if len(inside) == 0:
+        raise ValueError(f'No iDDPM noise level lies in [{sigma_min}, {sigma_max}]')
+    i = np.arange(num_steps, dtype=np.float64)
+    return inside[np.round((len(inside) - 1) / (num_steps - 1) * i).astype(np.int64)]
+
+
+def round_to_table(sigma, table):
+    """Snap each sigma to the nearest entry of a noise-level table (iDDPM's round_sigma).
+
+    Returns (rounded sigma, index). Ties go to the lower index, as with argmin.
+    """
+    xp = _np(sigma)
+    table = xp.asarray(table)
+    index = xp.argmin(xp.abs(xp.asarray(sigma)[..., None] - table), axis=-1)
+    return table[index], index
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear (EDM) schedule: sigma(t) = t.
+
+def linear_sigma(t):
+    """sigma(t) = t."""
+    return t
+
+
+def linear_sigma_deriv(t):
+    """sigma'(t) = 1."""
+    return _np(t).ones_like(t)
+
+
+def linear_sigma_inv(sigma):
+    """t(sigma) = sigma."""
+    return sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalings s(t).
+
+def vp_scale(sigma):
+    """s = 1 / sqrt(1 + sigma^2): the VP scale as a function of the noise level."""
+    return 1 / _np(sigma).sqrt(1 + sigma ** 2)
+
+
+def vp_scale_deriv(sigma, sigma_deriv):
+    """s'(t) = -sigma(t) sigma'(t) s(t)^3."""
+    return -sigma * sigma_deriv * vp_scale(sigma) ** 3
