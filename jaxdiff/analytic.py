@@ -32,3 +32,22 @@ class GaussianDenoiser(flax.struct.PyTreeNode):
         r = (x - self.mean).reshape(n, -1) @ self.eigvecs
         shrink = self.eigvals / (self.eigvals + sigma[:, None] ** 2)
         return self.mean + ((r * shrink) @ self.eigvecs.T).reshape(x.shape)
+
+
+class EmpiricalDenoiser(flax.struct.PyTreeNode):
+    """Ideal denoiser of the empirical distribution of a data set (a mixture of point masses):
+
+        D(z; sigma) = sum_i w_i(z) y_i,  w = softmax_i(-|z - y_i|^2 / (2 sigma^2)).
+
+    Sampling with it reproduces training images exactly (it is the fully memorising optimum of
+    the denoising loss), which makes it a quick end-to-end check of a sampler on real images.
+    """
+    data: jax.Array  # [M, H, W, C]
+
+    def __call__(self, x, sigma, labels=None, augment_labels=None):
+        n = x.shape[0]
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype).reshape(-1), (n,))
+        flat_x, flat_y = x.reshape(n, -1), self.data.reshape(self.data.shape[0], -1).astype(x.dtype)
+        sq_dist = (jnp.sum(flat_x ** 2, 1)[:, None] - 2 * flat_x @ flat_y.T + jnp.sum(flat_y ** 2, 1)[None, :])
+        weights = jax.nn.softmax(-sq_dist / (2 * sigma[:, None] ** 2), axis=1)
+        return (weights @ flat_y).reshape(x.shape)
