@@ -271,49 +271,59 @@ def sample(sampler: Sampler, denoise, latents, key=None, labels=None, augment_la
     step_noise: optional [num_steps, *latents.shape] unit-normal churn noise, used instead of keys.
     return_trajectory: also return x at the start of every step, [num_steps, *latents.shape]
       (the scaled state s(t) x when scaling='vp', as in NVlabs/edm).
-    The state has the latents' dtype; the step constants are computed in float64.
+
+    The step constants are computed on the host in float64 and passed to the compiled loop as
+    data, so only the number of steps, the solver, whether churn is on, alpha and the shapes
+    select a compilation. The state has the latents' dtype.
     """
-    if step_noise is not None and step_noise.shape != (sampler.num_steps,) + latents.shape:
-        raise ValueError(f'step_noise must have shape {(sampler.num_steps,) + latents.shape}, got {step_noise.shape}')
-    if key is not None and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0:
-        key = jax.random.split(key, latents.shape[0])
-    return _sample(sampler, _as_pytree_callable(denoise), latents, key, labels, augment_labels,
-                   step_noise, return_trajectory)
-
-
-@functools.partial(jax.jit, static_argnames=('sampler', 'return_trajectory'))
-def _sample(sampler, denoise, latents, keys, labels, augment_labels, step_noise, return_trajectory):
     table = step_table(sampler, getattr(denoise, 'sigma_min', 0.0), getattr(denoise, 'sigma_max', float('inf')),
                        getattr(denoise, 'round_sigma', lambda sigma: sigma))
     stochastic = bool(np.any(table.noise_scale > 0))
-    if stochastic and keys is None and step_noise is None:
-        raise ValueError('A stochastic sampler (S_churn > 0) needs a key or step_noise')
-    dtype = latents.dtype
-    rows = StepTable(*(jnp.asarray(column, dtype) for column in table))
-    steps = jnp.arange(sampler.num_steps)
+    if step_noise is not None:
+        if step_noise.shape != (sampler.num_steps,) + latents.shape:
+            raise ValueError(f'step_noise must have shape {(sampler.num_steps,) + latents.shape}, '
+                             f'got {step_noise.shape}')
+    elif stochastic:
+        if key is None:
+            raise ValueError('A stochastic sampler (S_churn > 0) needs a key or step_noise')
+        if jnp.ndim(key) == 0:
+            key = jax.random.split(key, latents.shape[0])
+    table = StepTable(*(np.asarray(column, latents.dtype) for column in table))
+    heun_steps = sampler.num_steps - 1 if sampler.solver == 'heun' else 0
+    return _sample(denoise=_as_pytree_callable(denoise), latents=latents, table=table,
+                   keys=key if stochastic else None, labels=labels, augment_labels=augment_labels,
+                   step_noise=step_noise if stochastic else None, heun_steps=heun_steps,
+                   alpha=float(sampler.alpha), return_trajectory=return_trajectory)
+
+
+@functools.partial(jax.jit, static_argnames=('heun_steps', 'alpha', 'return_trajectory'))
+def _sample(*, denoise, latents, table, keys, labels, augment_labels, step_noise, heun_steps, alpha,
+            return_trajectory):
+    """The compiled loop: `heun_steps` Heun steps then Euler steps, over the rows of `table`."""
+    steps = jnp.arange(table.t_cur.shape[0])
+    stochastic = keys is not None or step_noise is not None
 
     def noise_at(step, given):
         if not stochastic:
-            return jnp.zeros((), dtype)
+            return jnp.zeros((), latents.dtype)
         if given is not None:
             return given
-        return step_noise_from_keys(keys, step, latents.shape[1:], dtype)
+        return step_noise_from_keys(keys, step, latents.shape[1:], latents.dtype)
 
     def body(second_order):
         def step(x, inputs):
             row, i, given = inputs
             x_next = heun_step(denoise, x, row, noise_at(i, given), labels, augment_labels,
-                               second_order=second_order, alpha=sampler.alpha)
+                               second_order=second_order, alpha=alpha)
             return x_next, (x if return_trajectory else None)
         return step
 
-    # Heun for every step but the last, which goes to sigma = 0 and stays Euler.
-    split = sampler.num_steps - 1 if sampler.solver == 'heun' else 0
-    head = lambda tree: jax.tree.map(lambda a: a[:split], tree)
-    tail = lambda tree: jax.tree.map(lambda a: a[split:], tree)
-    x = latents * (rows.sigma_cur[0] * rows.s_cur[0])
-    x, traj_heun = jax.lax.scan(body(True), x, head((rows, steps, step_noise)))
-    x, traj_euler = jax.lax.scan(body(False), x, tail((rows, steps, step_noise)))
+    head = lambda tree: jax.tree.map(lambda a: a[:heun_steps], tree)
+    tail = lambda tree: jax.tree.map(lambda a: a[heun_steps:], tree)
+    x = latents * (table.sigma_cur[0] * table.s_cur[0])
+    x, traj_heun = jax.lax.scan(body(True), x, head((table, steps, step_noise)))
+    # The remaining steps are Euler: all of them for solver='euler', else the last one (to sigma=0).
+    x, traj_euler = jax.lax.scan(body(False), x, tail((table, steps, step_noise)))
     if return_trajectory:
         return x, jnp.concatenate([traj_heun, traj_euler])
     return x

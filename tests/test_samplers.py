@@ -107,6 +107,10 @@ def test_sample_compiles_once_per_shape():
     other = GaussianDenoiser.create(jnp.asarray(mean + 1, jnp.float32), jnp.asarray(cov, jnp.float32))
     samplers.sample(cfg, other, lat + 1, samplers.keys_from_seeds(np.arange(4, 8)))
     assert samplers._sample._cache_size() == before
+    # The step constants are data: another noise range or discretisation reuses the compilation.
+    retimed = samplers.Sampler(num_steps=6, S_churn=20, sigma_max=20.0, discretization='vp')
+    samplers.sample(retimed, denoise, lat, keys)
+    assert samplers._sample._cache_size() == before
     samplers.sample(cfg, denoise, jnp.concatenate([lat, lat]), samplers.keys_from_seeds(np.arange(8)))
     assert samplers._sample._cache_size() == before + 1
 
