@@ -170,10 +170,12 @@ class StepTable(NamedTuple):
     a_hat: np.ndarray
     b_hat: np.ndarray
     h: np.ndarray             # t_next - t_hat
-    sigma_prime: np.ndarray   # at t_prime = t_hat + alpha h (Heun's second evaluation)
+    alpha_h: np.ndarray       # alpha h: Heun's second evaluation is at t_prime = t_hat + alpha h
+    sigma_prime: np.ndarray
     s_prime: np.ndarray
     a_prime: np.ndarray
     b_prime: np.ndarray
+    w_prime: np.ndarray       # 1 / (2 alpha): weight of d' in the Heun update
 
 
 def step_table(sampler: Sampler, net_sigma_min: float = 0.0, net_sigma_max: float = float('inf'),
@@ -206,14 +208,15 @@ def step_table(sampler: Sampler, net_sigma_min: float = 0.0, net_sigma_max: floa
     with np.errstate(divide='ignore', invalid='ignore'):
         sigma_prime, s_prime, a_prime, b_prime = ode_coefficients(t_prime)
     s_cur = proc.scale(t_cur)
+    w_prime = np.full_like(h, 1 / (2 * sampler.alpha))
     return StepTable(t_cur, t_hat, t_next, sigma_cur, s_cur, s_hat / s_cur, noise_scale, sigma_hat, s_hat,
-                     a_hat, b_hat, h, sigma_prime, s_prime, a_prime, b_prime)
+                     a_hat, b_hat, h, sampler.alpha * h, sigma_prime, s_prime, a_prime, b_prime, w_prime)
 
 
 # ---------------------------------------------------------------------------------------------
 # One step.
 
-def heun_step(denoise, x, row, noise, labels=None, augment_labels=None, *, second_order: bool, alpha: float):
+def heun_step(denoise, x, row, noise, labels=None, augment_labels=None, *, second_order: bool):
     """One step of the generalised sampler from t_cur to t_next (EDM Algorithm 2, lines 4-11).
 
     x_hat = (s(t_hat)/s(t_cur)) x + noise_scale eps; d = a(t_hat) x_hat - b(t_hat) D(x_hat/s; sigma);
@@ -225,10 +228,10 @@ def heun_step(denoise, x, row, noise, labels=None, augment_labels=None, *, secon
     d_cur = row.a_hat * x_hat - row.b_hat * denoise(x_hat / row.s_hat, row.sigma_hat, labels, augment_labels)
     if not second_order:
         return x_hat + row.h * d_cur
-    x_prime = x_hat + alpha * row.h * d_cur
+    x_prime = x_hat + row.alpha_h * d_cur
     denoised = denoise(x_prime / row.s_prime, row.sigma_prime, labels, augment_labels)
     d_prime = row.a_prime * x_prime - row.b_prime * denoised
-    return x_hat + row.h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
+    return x_hat + row.h * ((1 - row.w_prime) * d_cur + row.w_prime * d_prime)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,12 +276,12 @@ def sample(sampler: Sampler, denoise, latents, key=None, labels=None, augment_la
       (the scaled state s(t) x when scaling='vp', as in NVlabs/edm).
 
     The step constants are computed on the host in float64 and passed to the compiled loop as
-    data, so only the number of steps, the solver, whether churn is on, alpha and the shapes
+    data, so only the number of steps, the solver, whether there is noise at all and the shapes
     select a compilation. The state has the latents' dtype.
     """
     table = step_table(sampler, getattr(denoise, 'sigma_min', 0.0), getattr(denoise, 'sigma_max', float('inf')),
                        getattr(denoise, 'round_sigma', lambda sigma: sigma))
-    stochastic = bool(np.any(table.noise_scale > 0))
+    stochastic = bool(np.any(table.noise_scale > 0)) or step_noise is not None
     if step_noise is not None:
         if step_noise.shape != (sampler.num_steps,) + latents.shape:
             raise ValueError(f'step_noise must have shape {(sampler.num_steps,) + latents.shape}, '
@@ -292,13 +295,11 @@ def sample(sampler: Sampler, denoise, latents, key=None, labels=None, augment_la
     heun_steps = sampler.num_steps - 1 if sampler.solver == 'heun' else 0
     return _sample(denoise=_as_pytree_callable(denoise), latents=latents, table=table,
                    keys=key if stochastic else None, labels=labels, augment_labels=augment_labels,
-                   step_noise=step_noise if stochastic else None, heun_steps=heun_steps,
-                   alpha=float(sampler.alpha), return_trajectory=return_trajectory)
+                   step_noise=step_noise, heun_steps=heun_steps, return_trajectory=return_trajectory)
 
 
-@functools.partial(jax.jit, static_argnames=('heun_steps', 'alpha', 'return_trajectory'))
-def _sample(*, denoise, latents, table, keys, labels, augment_labels, step_noise, heun_steps, alpha,
-            return_trajectory):
+@functools.partial(jax.jit, static_argnames=('heun_steps', 'return_trajectory'))
+def _sample(*, denoise, latents, table, keys, labels, augment_labels, step_noise, heun_steps, return_trajectory):
     """The compiled loop: `heun_steps` Heun steps then Euler steps, over the rows of `table`."""
     steps = jnp.arange(table.t_cur.shape[0])
     stochastic = keys is not None or step_noise is not None
@@ -314,16 +315,17 @@ def _sample(*, denoise, latents, table, keys, labels, augment_labels, step_noise
         def step(x, inputs):
             row, i, given = inputs
             x_next = heun_step(denoise, x, row, noise_at(i, given), labels, augment_labels,
-                               second_order=second_order, alpha=alpha)
+                               second_order=second_order)
             return x_next, (x if return_trajectory else None)
         return step
 
-    head = lambda tree: jax.tree.map(lambda a: a[:heun_steps], tree)
-    tail = lambda tree: jax.tree.map(lambda a: a[heun_steps:], tree)
+    rows = (table, steps, step_noise)
     x = latents * (table.sigma_cur[0] * table.s_cur[0])
-    x, traj_heun = jax.lax.scan(body(True), x, head((table, steps, step_noise)))
+    trajectory = []
+    if heun_steps:
+        x, traj = jax.lax.scan(body(True), x, jax.tree.map(lambda a: a[:heun_steps], rows))
+        trajectory.append(traj)
     # The remaining steps are Euler: all of them for solver='euler', else the last one (to sigma=0).
-    x, traj_euler = jax.lax.scan(body(False), x, tail((table, steps, step_noise)))
-    if return_trajectory:
-        return x, jnp.concatenate([traj_heun, traj_euler])
-    return x
+    x, traj = jax.lax.scan(body(False), x, jax.tree.map(lambda a: a[heun_steps:], rows))
+    trajectory.append(traj)
+    return (x, jnp.concatenate(trajectory)) if return_trajectory else x

@@ -92,7 +92,7 @@ def test_heun_uses_2n_minus_1_denoiser_calls():
     x = jnp.ones((1, 2, 2, 1))
     for i in range(cfg.num_steps):
         row = samplers.StepTable(*(c[i] for c in table))
-        x = samplers.heun_step(counting, x, row, 0.0, second_order=i < cfg.num_steps - 1, alpha=1.0)
+        x = samplers.heun_step(counting, x, row, 0.0, second_order=i < cfg.num_steps - 1)
     assert len(calls) == 2 * 5 - 1 == cfg.num_evals
 
 
