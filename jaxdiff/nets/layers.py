@@ -220,7 +220,8 @@ def attention(qkv, num_heads: int):
     qkv = qkv.reshape(n, h * w, num_heads, ch, 3)
     q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
     acc = jnp.promote_types(qkv.dtype, jnp.float32)
-    logits = jnp.einsum('nqhc,nkhc->nhqk', q.astype(acc), k.astype(acc) / np.sqrt(ch))
+    # A Python float, not a numpy float64 scalar, which would promote the logits to float64 under x64.
+    logits = jnp.einsum('nqhc,nkhc->nhqk', q.astype(acc), k.astype(acc) / float(np.sqrt(ch)))
     weights = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
     out = jnp.einsum('nhqk,nkhc->nqhc', weights, v)
     return out.reshape(n, h, w, c)
