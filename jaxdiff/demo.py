@@ -14,10 +14,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
-
 from jaxdiff import samplers
 from jaxdiff.analytic import EmpiricalDenoiser
+from jaxdiff.images import image_grid
 
 
 def load_digits_nhwc() -> np.ndarray:
@@ -25,21 +24,6 @@ def load_digits_nhwc() -> np.ndarray:
     from sklearn.datasets import load_digits
     images = load_digits().images.astype(np.float32)
     return (images / 8.0 - 1.0)[..., None]
-
-
-def image_grid(images: np.ndarray, cols: int, upscale: int = 4, pad: int = 1) -> Image.Image:
-    """Tile NHWC images in [-1, 1] into one uint8 PIL image, each pixel upscaled, tiles separated
-    by `pad` grey pixels."""
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    pixels = np.clip(np.rint((images + 1) * 127.5), 0, 255).astype(np.uint8)
-    pixels = pixels.repeat(upscale, 1).repeat(upscale, 2)
-    h, w = h * upscale + pad, w * upscale + pad
-    grid = np.full((rows * h + pad, cols * w + pad, c), 128, np.uint8)
-    for i, img in enumerate(pixels):
-        r, k = divmod(i, cols)
-        grid[pad + r * h:(r + 1) * h, pad + k * w:(k + 1) * w] = img
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
 
 
 def main(argv=None):
@@ -60,7 +44,7 @@ def main(argv=None):
     images = np.asarray(jax.block_until_ready(samplers.sample(cfg, denoise, latents, keys)))
     seconds = time.perf_counter() - start
     nearest = np.sqrt(((images.reshape(args.num, 1, -1) - data.reshape(1, len(data), -1)) ** 2).mean(-1)).min(1)
-    image_grid(images, cols=int(np.ceil(np.sqrt(args.num)))).save(args.out)
+    image_grid(images, upscale=4).save(args.out)
     print(f'{args.num} samples, {cfg.num_evals} denoiser evaluations each, {seconds:.1f} s (compile included)')
     print(f'RMS distance to the nearest training digit: median {np.median(nearest):.4f} (pixels in [-1, 1])')
     print(f'wrote {args.out}')

@@ -1,0 +1,84 @@
+"""What a person sees of a run: a progress bar, a log file, TensorBoard scalars and images."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger('jaxdiff')
+
+
+def setup_logging(workdir: pathlib.Path, is_main: bool = True) -> None:
+    """Log INFO to stderr and to workdir/log.txt (main process only)."""
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S')
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(workdir / 'log.txt')
+        file.setFormatter(fmt)
+        log.addHandler(file)
+    log.propagate = False
+
+
+class Writer:
+    """TensorBoard scalars and images (tensorboardX), written by the main process only."""
+
+    def __init__(self, logdir: pathlib.Path, enabled: bool = True):
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self._writer:
+            for name, value in values.items():
+                self._writer.add_scalar(name, float(value), step)
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        """image: HWC uint8 (or HW)."""
+        if self._writer:
+            image = image if image.ndim == 3 else image[..., None]
+            self._writer.add_image(name, image, step, dataformats='HWC')
+
+    def flush(self) -> None:
+        if self._writer:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+
+
+class Progress:
+    """A tqdm bar over training steps showing loss, images/s and the ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True):
+        self.batch_size = batch_size
+        self.bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                        disable=not enabled, smoothing=0.1, mininterval=1.0)
+        self._last_step, self._last_time = start_step, time.perf_counter()
+
+    def update(self, step: int, metrics: dict | None = None) -> float:
+        """Advance to `step`; returns images/s since the last update."""
+        now = time.perf_counter()
+        rate = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
+        self.bar.update(step - self._last_step)
+        if metrics is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f'{rate:.0f}', refresh=False)
+        self._last_step, self._last_time = step, now
+        return rate
+
+    def reset_clock(self) -> None:
+        """Restart the images/s clock (after compilation or a checkpoint, which are not training)."""
+        self._last_time = time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,242 @@
+"""The launcher's three modes: train (resumable), sample, eval. `launch.py` parses flags and calls
+these; everything here is orchestration of the pure pieces in the other modules.
+
+A work directory holds:
+
+  config.json         the run's config (also saved beside each checkpoint)
+  log.txt             the log
+  checkpoints/<step>  orbax checkpoints (train state, data-iterator position, config)
+  samples/            samples_<step>.npz (uint8 NHWC under `images`, `labels`), grid_<step>.png
+  eval_<step>.json    scores of the samples
+  tb/                 TensorBoard scalars (loss, learning rate, skipped updates, images/s) and grids
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import builders, checkpoint, data, generate, images, monitor, parallel, train
+from jaxdiff.monitor import log
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The pieces of a run that every mode needs, built (and validated) from its config."""
+    config: object
+    workdir: pathlib.Path
+    info: data.DatasetInfo
+    label_dim: int
+    module: object
+    precond: object
+    sampler: object
+    mesh: object
+
+    @property
+    def image_shape(self):
+        return (self.info.resolution, self.info.resolution, self.info.channels)
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+
+def prepare(config, workdir) -> Run:
+    """Validate the config against the data set and the devices, and build the run's pieces.
+    Every problem is a ValueError naming the config field, raised before anything is compiled."""
+    workdir = pathlib.Path(workdir)
+    data.validate(config.data)
+    info = data.dataset_info(config.data)
+    label_dim = info.num_classes if config.data.use_labels else 0
+    module = builders.build_module(config, label_dim=label_dim)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    if config.train.total_images < config.train.batch_size:
+        raise ValueError(f'train.total_images={config.train.total_images} is less than one batch')
+    return Run(config, workdir, info, label_dim, module, builders.build_precond(config),
+               builders.build_sampler(config), mesh)
+
+
+def _abstract_state(run: Run, setup: train.TrainSetup):
+    """Shapes, dtypes and shardings of the train state, without allocating it."""
+    shapes = jax.eval_shape(lambda key: train.init_state(setup, key, run.image_shape, run.label_dim),
+                            jax.random.key(0))
+    shardings = parallel.state_shardings(run.mesh, shapes)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return abstract, shardings
+
+
+def _save_config(run: Run) -> None:
+    if run.is_main:
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        (run.workdir / 'config.json').write_text(run.config.to_json_best_effort(indent=2) + '\n')
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Train (resuming from the latest checkpoint), then sample and score if configured."""
+    run = prepare(config, workdir)
+    monitor.setup_logging(run.workdir, run.is_main)
+    _save_config(run)
+    state = run_training(run)
+    result = {}
+    if config.eval.after_training:
+        result = sample_and_score(run, state.ema_params, int(state.step))
+    return result
+
+
+def run_training(run: Run):
+    config = run.config
+    setup = train.make_setup(config, run.module, run.precond, builders.build_loss(config))
+    abstract, shardings = _abstract_state(run, setup)
+    ckpt = checkpoint.Checkpointer(run.workdir / 'checkpoints', keep=config.train.keep_checkpoints)
+    ckpt.catch_sigterm()
+    iterator = data.train_iterator(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        init = jax.jit(lambda key: train.init_state(setup, key, run.image_shape, run.label_dim), out_shardings=shardings)
+        state = init(jax.random.key(config.seed))
+        log.info('Starting a new run in %s', run.workdir)
+    else:
+        step, state, data_state = restored
+        iterator.set_state(data_state)
+        log.info('Resumed from step %d (%d images) in %s', step, step * config.train.batch_size, run.workdir)
+
+    total_steps = config.train.total_images // config.train.batch_size
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log.info('%s with %.2fM parameters; %d devices; batch %d; %d steps (%d images)', config.model.type,
+             n_params / 1e6, run.mesh.size, config.train.batch_size, total_steps, total_steps * config.train.batch_size)
+
+    step_fn = train.compile_train_step(setup, shardings, parallel.batch_sharding(run.mesh), parallel.replicated(run.mesh))
+    base_key = jax.random.key(config.seed + 1)
+    writer = monitor.Writer(run.workdir / 'tb', enabled=run.is_main)
+    progress = monitor.Progress(total_steps, int(state.step), config.train.batch_size, enabled=run.is_main)
+    step = int(state.step)
+    start_time = time.perf_counter()
+    compiled = False
+    try:
+        while step < total_steps:
+            batch = parallel.global_batch(run.mesh, next(iterator))
+            state, metrics = step_fn(state, batch, base_key)
+            step += 1
+            if not compiled:  # The first step compiles: keep it out of images/s.
+                jax.block_until_ready(metrics)
+                log.info('Compiled the training step in %.1f s', time.perf_counter() - start_time)
+                progress.reset_clock()
+                compiled = True
+            if step % config.train.log_every_steps == 0 or step == total_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values['images_per_sec'] = progress.update(step, values)
+                writer.scalars(step, values)
+            if step % config.train.checkpoint_every_steps == 0 or step == total_steps or ckpt.reached_preemption(step):
+                ckpt.save(step, state, data_state=iterator.get_state(), config=config.to_dict())
+                if ckpt.reached_preemption(step):
+                    log.warning('Pre-empted: saved step %d, stopping', step)
+                    break
+                progress.reset_clock()
+            if config.train.sample_every_steps and step % config.train.sample_every_steps == 0:
+                _sample_grid(run, state.ema_params, step, writer)
+                progress.reset_clock()
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        progress.close()
+        writer.close()
+    log.info('Trained to step %d in %.1f s', step, time.perf_counter() - start_time)
+    return state
+
+
+def _sample_grid(run: Run, ema_params, step: int, writer=None, num: int = 64) -> np.ndarray:
+    samples = _sample(run, ema_params, num)
+    grid = images.image_grid(samples, upscale=max(1, 64 // run.info.resolution))
+    if run.is_main:
+        (run.workdir / 'samples').mkdir(parents=True, exist_ok=True)
+        grid.save(run.workdir / 'samples' / f'grid_{step:08d}.png')
+        if writer is not None:
+            writer.image(step, 'samples', np.asarray(grid))
+    return samples
+
+
+def _sample(run: Run, params, num: int, seed: int | None = None):
+    config = run.config
+    labels = generate.balanced_labels(num, run.label_dim) if run.label_dim else None
+    return generate.sample_images(run.module, params, run.precond, run.sampler, num, image_shape=run.image_shape,
+                                  seed=config.sample.seed if seed is None else seed,
+                                  batch_size=min(config.sample.batch_size, num), labels=labels)
+
+
+def sample_and_score(run: Run, params, step: int) -> dict:
+    """Write samples (npz + PNG grid) and, for the embedded digits, score them."""
+    config = run.config
+    num = max(config.sample.num_samples, config.eval.num_samples if config.data.name == 'digits' else 0)
+    start = time.perf_counter()
+    samples = _sample(run, params, num)
+    seconds = time.perf_counter() - start
+    log.info('Sampled %d images (%d steps, %d evaluations each) in %.1f s: %.1f images/s (compilation included)',
+             num, run.sampler.num_steps, run.sampler.num_evals, seconds, num / seconds)
+    result = {'step': step, 'num_samples': num, 'sample_seconds': seconds, 'sample_seed': config.sample.seed}
+    if run.is_main:
+        out = run.workdir / 'samples'
+        out.mkdir(parents=True, exist_ok=True)
+        labels = generate.balanced_labels(num, run.label_dim).argmax(1) if run.label_dim else None
+        arrays = {'images': images.to_uint8(samples)}
+        if labels is not None:
+            arrays['labels'] = labels
+        np.savez(out / f'samples_{step:08d}.npz', **arrays)
+        grid_path = out / f'grid_{step:08d}.png'
+        images.image_grid(samples[:config.sample.num_samples], upscale=max(1, 64 // run.info.resolution)).save(grid_path)
+        log.info('Wrote %s and %s', out / f'samples_{step:08d}.npz', grid_path)
+    if config.data.name == 'digits':
+        from jaxdiff import evaluate
+        real, _ = data.eval_images(config.data, run.info.num_examples)
+        report = evaluate.digits_report(samples[:config.eval.num_samples], real, seed=config.seed)
+        result.update(report)
+        log.info('Digits Frechet distance %.3f (real-vs-real floor %.3f at %d samples); classes %s',
+                 report['fd'], report['fd_floor'], report['num_samples'], report['class_histogram'])
+    if run.is_main:
+        (run.workdir / f'eval_{step:08d}.json').write_text(json.dumps(result, indent=2) + '\n')
+    return result
+
+
+def _restore_ema(run: Run):
+    """(step, EMA params) of the latest checkpoint in the work directory."""
+    setup = train.make_setup(run.config, run.module, run.precond, builders.build_loss(run.config))
+    abstract, _ = _abstract_state(run, setup)
+    ckpt = checkpoint.Checkpointer(run.workdir / 'checkpoints', keep=run.config.train.keep_checkpoints)
+    try:
+        restored = ckpt.restore_latest(abstract)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f'No checkpoint in {run.workdir / "checkpoints"}: train first (--mode=train)')
+    step, state, _ = restored
+    return step, state.ema_params
+
+
+def sample_mode(config, workdir) -> dict:
+    run = prepare(config, workdir)
+    monitor.setup_logging(run.workdir, run.is_main)
+    step, ema = _restore_ema(run)
+    samples = _sample(run, ema, config.sample.num_samples)
+    out = run.workdir / 'samples'
+    if run.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {'images': images.to_uint8(samples)}
+        if run.label_dim:
+            arrays['labels'] = generate.balanced_labels(len(samples), run.label_dim).argmax(1)
+        np.savez(out / f'samples_{step:08d}.npz', **arrays)
+        images.image_grid(samples, upscale=max(1, 64 // run.info.resolution)).save(out / f'grid_{step:08d}.png')
+        log.info('Wrote %d samples of step %d to %s', len(samples), step, out)
+    return {'step': step, 'num_samples': len(samples)}
+
+
+def eval_mode(config, workdir) -> dict:
+    run = prepare(config, workdir)
+    monitor.setup_logging(run.workdir, run.is_main)
+    step, ema = _restore_ema(run)
+    return sample_and_score(run, ema, step)

@@ -1,0 +1,139 @@
+"""Training state and the training step (EDM's training loop, Karras et al. 2022, App. F).
+
+The state is an immutable pytree; `train_step` is a pure function of (state, batch, key) that
+returns the next state and its metrics, jit-compiled once with the state donated and sharded
+over a ('data', 'fsdp') mesh. EDM's conventions, in units of images:
+
+  learning rate   lr * min(images_seen / warmup_images, 1), images_seen before the step
+  loss            sum of the per-element weighted loss / batch size (EDM's `loss.sum() / batch`)
+  EMA             beta = 0.5 ** (batch / halflife), halflife = min(halflife_images,
+                  rampup_ratio * images_seen); ema <- beta ema + (1 - beta) params
+
+A step whose loss or gradients are not finite leaves params, EMA and optimiser state unchanged
+and is counted in `skipped`. Random keys are derived from (seed, step), so a resumed run draws
+the same noise as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff import precond as pc
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array      # int32: steps taken (= images seen / batch size)
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    skipped: jax.Array   # int32: non-finite updates skipped so far
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """Everything static about a training run (hashable; closed over by the compiled step)."""
+    module: Any
+    precond: Any
+    loss_fn: Callable
+    lr_schedule: Callable          # step -> learning rate
+    optimizer: optax.GradientTransformation
+    batch_size: int
+    ema_halflife_images: float
+    ema_rampup_ratio: float
+    use_labels: bool = False
+
+
+def learning_rate(step, *, lr: float, batch_size: int, warmup_images: float):
+    """EDM's linear warm-up: lr * min(step * batch / warmup_images, 1) (0 at the first step)."""
+    if warmup_images <= 0:
+        return jnp.asarray(lr, jnp.float32)
+    return lr * jnp.minimum(step * batch_size / warmup_images, 1.0)
+
+
+def ema_beta(step, *, batch_size: int, halflife_images: float, rampup_ratio: float):
+    """EDM's EMA decay per step: 0.5 ** (batch / halflife), halflife ramped up with the images seen."""
+    halflife = jnp.asarray(halflife_images, jnp.float32)
+    if rampup_ratio > 0:
+        halflife = jnp.minimum(halflife, step * batch_size * rampup_ratio)
+    return 0.5 ** (batch_size / jnp.maximum(halflife, 1e-8))
+
+
+def make_optimizer(optim_config, schedule) -> optax.GradientTransformation:
+    """Adam with the given learning-rate schedule, and optional global-norm clipping."""
+    adam = optax.adam(schedule, b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps)
+    if optim_config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
+    return adam
+
+
+def make_setup(config, module, precond, loss_fn) -> TrainSetup:
+    """The static training setup of a run's config (optimiser, EMA, batch size)."""
+    batch_size = config.train.batch_size
+    schedule = functools.partial(learning_rate, lr=config.optim.lr, batch_size=batch_size,
+                                 warmup_images=config.optim.warmup_images)
+    return TrainSetup(module=module, precond=precond, loss_fn=loss_fn, lr_schedule=schedule,
+                      optimizer=make_optimizer(config.optim, schedule), batch_size=batch_size,
+                      ema_halflife_images=config.ema.halflife_images, ema_rampup_ratio=config.ema.rampup_ratio,
+                      use_labels=config.data.use_labels)
+
+
+def init_state(setup: TrainSetup, key, image_shape, label_dim: int = 0) -> TrainState:
+    """Fresh parameters (EDM's initialisation), EMA = params, zeroed optimiser state."""
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    labels = jnp.zeros((1, label_dim), jnp.float32) if label_dim else None
+    params = setup.module.init(key, x, jnp.zeros((1,), jnp.float32), labels)['params']
+    # The EMA starts as a copy: the state is donated to the step, and two leaves sharing one
+    # buffer cannot both be donated.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=setup.optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
+
+
+def loss_and_grads(setup: TrainSetup, params, batch, key):
+    """EDM's objective: sum of the per-element loss over the batch / batch size, and its gradient.
+    Returns (objective, mean per-element loss, gradients)."""
+    noise_key, dropout_key = jax.random.split(key)
+    labels = batch.get('label') if setup.use_labels else None
+
+    def objective(params):
+        denoise = pc.make_denoiser(setup.module, params, setup.precond, train=True, dropout_key=dropout_key)
+        loss = setup.loss_fn(denoise, batch['image'], noise_key, labels)
+        return loss.sum() / batch['image'].shape[0], loss.mean()
+
+    (objective_value, mean_loss), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return objective_value, mean_loss, grads
+
+
+def train_step(setup: TrainSetup, state: TrainState, batch: dict, base_key) -> tuple[TrainState, dict]:
+    """One optimiser step on one global batch; non-finite updates are skipped and counted."""
+    key = jax.random.fold_in(base_key, state.step)
+    _, mean_loss, grads = loss_and_grads(setup, state.params, batch, key)
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    beta = ema_beta(state.step, batch_size=setup.batch_size, halflife_images=setup.ema_halflife_images,
+                    rampup_ratio=setup.ema_rampup_ratio)
+    ema_params = jax.tree.map(lambda e, p: beta * e + (1 - beta) * p, state.ema_params, params)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(mean_loss) & jnp.isfinite(grad_norm)  # A non-finite gradient makes the norm so.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1,
+                           params=keep(params, state.params),
+                           ema_params=keep(ema_params, state.ema_params),
+                           opt_state=keep(opt_state, state.opt_state),
+                           skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = {'loss': mean_loss, 'grad_norm': grad_norm, 'skipped': new_state.skipped,
+               'learning_rate': setup.lr_schedule(state.step)}
+    return new_state, metrics
+
+
+def compile_train_step(setup: TrainSetup, state_shardings, batch_sharding, replicated):
+    """`train_step` jit-compiled for the mesh: state sharded and donated, batch split over devices."""
+    return jax.jit(functools.partial(train_step, setup),
+                   in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)

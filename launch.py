@@ -1,0 +1,41 @@
+"""jaxdiff launcher: train, sample or evaluate a diffusion model from a config file.
+
+    python launch.py --config=configs/edm.py                       # digits: train, sample, score
+    python launch.py --config=configs/edm.py:cifar10 --workdir=runs/cifar10
+    python launch.py --config=configs/edm.py --mode=sample --workdir=runs/edm-digits
+    python launch.py --config=configs/edm.py --config.train.batch_size=256   # override any field
+
+Runs resume from the latest checkpoint in --workdir. Multi-host: start the same command on every
+host; `jax.distributed.initialize()` finds the others (TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set by hand).
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxdiff import parallel, runner
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/edm.py', 'Config file, optionally with :preset.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Work directory (default: runs/<method>-<preset>).')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+
+MODES = {'train': runner.train_and_evaluate, 'sample': runner.sample_mode, 'eval': runner.eval_mode}
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    workdir = FLAGS.workdir or f'runs/{config.method}-{config.get("preset", "default")}'
+    parallel.initialize_distributed()
+    try:
+        MODES[FLAGS.mode](config, workdir)
+    except (ValueError, FileNotFoundError) as e:  # Bad config, missing data or checkpoint: no traceback.
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    app.run(main)
