@@ -91,29 +91,50 @@ def resample_filter_2d(taps: Sequence[float]) -> np.ndarray:
     return np.outer(f, f) / f.sum() ** 2
 
 
-def _depthwise(x, f2d, *, stride: int = 1, padding: int = 0, lhs_dilation: int = 1):
-    """Depthwise 2-D convolution of NHWC `x` with the same [k, k] filter on every channel."""
-    channels = x.shape[-1]
-    k = jnp.asarray(f2d, x.dtype)[:, :, None, None] * jnp.ones((1, 1, 1, channels), x.dtype)
-    return jax.lax.conv_general_dilated(
-        x, k, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-        lhs_dilation=(lhs_dilation, lhs_dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=channels)
+def _filter_axis(x, taps, axis: int, *, stride: int = 1, pad: tuple[int, int] = (0, 0)):
+    """Correlate `x` with the 1-D filter `taps` along `axis` (zero padding, then stride):
+    y[i] = sum_k taps[k] x_padded[stride i + k]. Written as shifted slices rather than a
+    depthwise convolution, which XLA:CPU runs far slower (15 ms vs 0.1 ms for a 2x2 filter on
+    a [128, 8, 8, 32] batch, forward and backward)."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = pad
+    x = jnp.pad(x, widths)
+    k = len(taps)
+    n_out = (x.shape[axis] - k) // stride + 1
+    out = 0
+    for i, tap in enumerate(taps):
+        window = jax.lax.slice_in_dim(x, i, i + stride * (n_out - 1) + 1, stride=stride, axis=axis)
+        out = out + tap * window
+    return out
 
 
-def downsample_2x(x, f2d, padding: int):
-    """Filter with `f2d` and keep every second pixel (EDM: grouped conv2d, stride 2)."""
-    return _depthwise(x, f2d, stride=2, padding=padding)
+def _dilate_axis(x, axis: int):
+    """Insert a zero between neighbouring entries along `axis` (length n -> 2n - 1)."""
+    stacked = jnp.stack([x, jnp.zeros_like(x)], axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis] *= 2
+    return jax.lax.slice_in_dim(stacked.reshape(shape), 0, shape[axis] - 1, axis=axis)
 
 
-def upsample_2x(x, f2d, padding: int):
-    """Zero-insertion upsampling filtered by 4*`f2d` (EDM: grouped conv_transpose2d, stride 2).
+def downsample_2x(x, taps: Sequence[float], padding: int):
+    """Filter NHWC `x` with the separable f f^T / (sum f)^2 and keep every second pixel (EDM: a
+    grouped conv2d with stride 2 and `padding` on each side)."""
+    g = np.asarray(taps, np.float64) / np.sum(taps)
+    g = [float(t) for t in g]
+    for axis in (1, 2):
+        x = _filter_axis(x, g, axis, stride=2, pad=(padding, padding))
+    return x
 
-    conv_transpose2d(x, f, stride 2, padding p) is a stride-1 convolution of the 2x-dilated input
-    with the flipped filter and padding k-1-p.
-    """
-    k = f2d.shape[0]
-    return _depthwise(x, 4 * f2d[::-1, ::-1], padding=k - 1 - padding, lhs_dilation=2)
+
+def upsample_2x(x, taps: Sequence[float], padding: int):
+    """Zero-insertion upsampling filtered by 4 f f^T / (sum f)^2 (EDM: a grouped conv_transpose2d,
+    stride 2, `padding`): per axis, insert zeros, pad by k-1-padding and correlate with 2 flip(f)."""
+    g = 2 * np.asarray(taps, np.float64)[::-1] / np.sum(taps)
+    g = [float(t) for t in g]
+    k = len(g)
+    for axis in (1, 2):
+        x = _filter_axis(_dilate_axis(x, axis), g, axis, pad=(k - 1 - padding, k - 1 - padding))
+    return x
 
 
 def _conv(x, kernel, padding: int):
@@ -158,9 +179,9 @@ class Conv2d(nn.Module):
         dtype = _compute_dtype(self.dtype, x, *([kernel] if kernel is not None else []))
         x = x.astype(dtype)
         w = kernel.astype(dtype) if kernel is not None else None
-        f = resample_filter_2d(self.resample_filter) if (self.up or self.down) else None
+        f = tuple(self.resample_filter) if (self.up or self.down) else None
         w_pad = k // 2
-        f_pad = (f.shape[0] - 1) // 2 if f is not None else 0
+        f_pad = (len(f) - 1) // 2 if f is not None else 0
 
         if self.fused_resample and self.up and w is not None:
             x = upsample_2x(x, f, padding=max(f_pad - w_pad, 0))

@@ -1,0 +1,42 @@
+"""Shared layers: the slice-based FIR resampling equals EDM's grouped (transposed) convolutions."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.nets import layers
+
+
+def depthwise(x, f2d, *, stride=1, padding=0, lhs_dilation=1):
+    """The grouped-convolution definition (what EDM runs in PyTorch), via lax."""
+    c = x.shape[-1]
+    k = jnp.asarray(f2d, x.dtype)[:, :, None, None] * jnp.ones((1, 1, 1, c), x.dtype)
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), ((padding, padding),) * 2,
+                                        lhs_dilation=(lhs_dilation,) * 2,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+
+
+@pytest.mark.parametrize('taps', [(1, 1), (1, 3, 3, 1), (1, 2, 1), (1, 4, 6, 4, 1)])
+@pytest.mark.parametrize('padding', [0, 1])
+def test_downsample_matches_strided_grouped_conv(taps, padding):
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+    f2d = layers.resample_filter_2d(taps)
+    np.testing.assert_allclose(layers.downsample_2x(x, taps, padding),
+                               depthwise(x, f2d, stride=2, padding=padding), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('taps', [(1, 1), (1, 3, 3, 1), (1, 2, 1)])
+@pytest.mark.parametrize('padding', [0, 1])
+def test_upsample_matches_grouped_transposed_conv(taps, padding):
+    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+    f2d = layers.resample_filter_2d(taps)
+    k = len(taps)
+    expected = depthwise(x, 4 * f2d[::-1, ::-1], padding=k - 1 - padding, lhs_dilation=2)
+    np.testing.assert_allclose(layers.upsample_2x(x, taps, padding), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_box_filter_resampling_is_average_pooling_and_nearest_neighbour():
+    x = jax.random.normal(jax.random.key(2), (1, 4, 4, 2))
+    pooled = x.reshape(1, 2, 2, 2, 2, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(layers.downsample_2x(x, (1, 1), 0), pooled, rtol=1e-6)
+    np.testing.assert_allclose(layers.upsample_2x(pooled, (1, 1), 0), pooled.repeat(2, 1).repeat(2, 2), rtol=1e-6)
