@@ -11,7 +11,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID set by hand).
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxdiff import parallel, runner
@@ -27,6 +27,7 @@ MODES = {'train': runner.train_and_evaluate, 'sample': runner.sample_mode, 'eval
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Library chatter (orbax, absl); jaxdiff logs on its own logger.
     config = FLAGS.config
     workdir = FLAGS.workdir or f'runs/{config.method}-{config.get("preset", "default")}'
     parallel.initialize_distributed()

@@ -36,7 +36,7 @@ def digits(c):
     c.optim.warmup_images = 20_000
     c.ema.halflife_images = 20_000
     c.ema.rampup_ratio = 0.05
-    c.sample.num_samples = 256
+    c.sample.num_samples = 100  # the PNG grid (10 x 10); eval draws eval.num_samples
     c.eval.num_samples = 1024
 
 

@@ -58,27 +58,34 @@ class Writer:
 
 
 class Progress:
-    """A tqdm bar over training steps showing loss, images/s and the ETA."""
+    """A tqdm bar over training steps (with its ETA) showing the loss and images/s.
+
+    `advance` is called every step (cheap: tqdm redraws at most once a second); `report` at
+    logging steps measures images/s since the previous report, excluding time spent in
+    compilation, checkpointing or sampling (call `reset_clock` after those).
+    """
 
     def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True):
         self.batch_size = batch_size
         self.bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
-                        disable=not enabled, smoothing=0.1, mininterval=1.0)
-        self._last_step, self._last_time = start_step, time.perf_counter()
+                        disable=not enabled, smoothing=0.05, mininterval=1.0)
+        self._step = start_step
+        self._clock_step, self._clock_time = start_step, time.perf_counter()
 
-    def update(self, step: int, metrics: dict | None = None) -> float:
-        """Advance to `step`; returns images/s since the last update."""
+    def advance(self, step: int) -> None:
+        self.bar.update(step - self._step)
+        self._step = step
+
+    def report(self, metrics: dict) -> float:
+        """Show `metrics['loss']` and images/s since the last report; returns images/s."""
         now = time.perf_counter()
-        rate = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
-        self.bar.update(step - self._last_step)
-        if metrics is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f'{rate:.0f}', refresh=False)
-        self._last_step, self._last_time = step, now
+        rate = (self._step - self._clock_step) * self.batch_size / max(now - self._clock_time, 1e-9)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f'{rate:.0f}')
+        self._clock_step, self._clock_time = self._step, now
         return rate
 
     def reset_clock(self) -> None:
-        """Restart the images/s clock (after compilation or a checkpoint, which are not training)."""
-        self._last_time = time.perf_counter()
+        self._clock_step, self._clock_time = self._step, time.perf_counter()
 
     def close(self) -> None:
         self.bar.close()

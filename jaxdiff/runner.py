@@ -85,7 +85,9 @@ def train_and_evaluate(config, workdir) -> dict:
     state = run_training(run)
     result = {}
     if config.eval.after_training:
-        result = sample_and_score(run, state.ema_params, int(state.step))
+        writer = monitor.Writer(run.workdir / 'tb', enabled=run.is_main)
+        result = sample_and_score(run, state.ema_params, int(state.step), writer)
+        writer.close()
     return result
 
 
@@ -124,6 +126,7 @@ def run_training(run: Run):
             batch = parallel.global_batch(run.mesh, next(iterator))
             state, metrics = step_fn(state, batch, base_key)
             step += 1
+            progress.advance(step)
             if not compiled:  # The first step compiles: keep it out of images/s.
                 jax.block_until_ready(metrics)
                 log.info('Compiled the training step in %.1f s', time.perf_counter() - start_time)
@@ -131,7 +134,7 @@ def run_training(run: Run):
                 compiled = True
             if step % config.train.log_every_steps == 0 or step == total_steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                values['images_per_sec'] = progress.update(step, values)
+                values['images_per_sec'] = progress.report(values)
                 writer.scalars(step, values)
             if step % config.train.checkpoint_every_steps == 0 or step == total_steps or ckpt.reached_preemption(step):
                 ckpt.save(step, state, data_state=iterator.get_state(), config=config.to_dict())
@@ -170,7 +173,7 @@ def _sample(run: Run, params, num: int, seed: int | None = None):
                                   batch_size=min(config.sample.batch_size, num), labels=labels)
 
 
-def sample_and_score(run: Run, params, step: int) -> dict:
+def sample_and_score(run: Run, params, step: int, writer=None) -> dict:
     """Write samples (npz + PNG grid) and, for the embedded digits, score them."""
     config = run.config
     num = max(config.sample.num_samples, config.eval.num_samples if config.data.name == 'digits' else 0)
@@ -189,7 +192,10 @@ def sample_and_score(run: Run, params, step: int) -> dict:
             arrays['labels'] = labels
         np.savez(out / f'samples_{step:08d}.npz', **arrays)
         grid_path = out / f'grid_{step:08d}.png'
-        images.image_grid(samples[:config.sample.num_samples], upscale=max(1, 64 // run.info.resolution)).save(grid_path)
+        grid = images.image_grid(samples[:config.sample.num_samples], upscale=max(1, 64 // run.info.resolution))
+        grid.save(grid_path)
+        if writer is not None:
+            writer.image(step, 'samples', np.asarray(grid))
         log.info('Wrote %s and %s', out / f'samples_{step:08d}.npz', grid_path)
     if config.data.name == 'digits':
         from jaxdiff import evaluate
@@ -198,6 +204,8 @@ def sample_and_score(run: Run, params, step: int) -> dict:
         result.update(report)
         log.info('Digits Frechet distance %.3f (real-vs-real floor %.3f at %d samples); classes %s',
                  report['fd'], report['fd_floor'], report['num_samples'], report['class_histogram'])
+        if writer is not None:
+            writer.scalars(step, {'eval/digits_fd': report['fd'], 'eval/digits_fd_floor': report['fd_floor']})
     if run.is_main:
         (run.workdir / f'eval_{step:08d}.json').write_text(json.dumps(result, indent=2) + '\n')
     return result
