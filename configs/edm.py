@@ -20,9 +20,9 @@ from configs import default
 
 def _ddpmpp(model_channels, channel_mult, dropout, attn_resolutions=(16,), num_blocks=4):
     return ml_collections.ConfigDict(dict(
-        model_channels=model_channels, channel_mult=list(channel_mult), num_blocks=num_blocks,
-        attn_resolutions=list(attn_resolutions), dropout=dropout, embedding_type='positional',
-        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1]))
+        model_channels=model_channels, channel_mult=tuple(channel_mult), num_blocks=num_blocks,
+        attn_resolutions=tuple(attn_resolutions), dropout=dropout, embedding_type='positional',
+        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=(1, 1)))
 
 
 def digits(c):
@@ -81,7 +81,7 @@ def imagenet64(c):
     c.data.name, c.data.resolution, c.data.channels, c.data.use_labels = 'imagenet_resized/64x64', 64, 3, True
     c.model.type = 'DhariwalUNet'
     c.model.kwargs = ml_collections.ConfigDict(dict(
-        model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.1))
+        model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.1))
     c.model.dtype = 'bfloat16'  # EDM trains ImageNet in fp16 with loss scaling; bf16 needs none.
     c.train.batch_size = 4096
     c.train.total_images = 2_500_000_000

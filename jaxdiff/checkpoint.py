@@ -217,7 +217,11 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self):
+        """Closes the manager and gives SIGTERM back to whoever had it before `catch_sigterm`."""
         self._manager.close()
+        if getattr(self, '_previous_sigterm', None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def catch_sigterm(self):
         """Makes SIGTERM set a flag that `reached_preemption` reports (single-process runs).
@@ -226,7 +230,7 @@ class Checkpointer:
         agree on the step to save at (a flag on one host alone would deadlock the save).
         """
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, lambda *_: self._sigterm.set())
+            self._previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: self._sigterm.set())
 
     def reached_preemption(self, step: int) -> bool:
         """True when the run should save now and stop (SIGTERM or JAX's preemption sync point)."""

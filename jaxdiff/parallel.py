@@ -73,6 +73,8 @@ def state_shardings(mesh: Mesh, abstract_state):
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     """The global batch must split evenly over devices and processes."""
+    if int(global_batch_size) != global_batch_size or global_batch_size < 1:
+        raise ValueError(f'train.batch_size must be a positive integer, got {global_batch_size}')
     if global_batch_size % mesh.size:
         raise ValueError(f'train.batch_size={global_batch_size} is not divisible by the {mesh.size} devices')
     if global_batch_size % jax.process_count():

@@ -58,8 +58,25 @@ def prepare(config, workdir) -> Run:
     parallel.check_batch_size(config.train.batch_size, mesh)
     if config.train.total_images < config.train.batch_size:
         raise ValueError(f'train.total_images={config.train.total_images} is less than one batch')
+    for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+        if config.train[field] < 1:
+            raise ValueError(f'train.{field} must be at least 1, got {config.train[field]}')
+    builders.build_loss(config)
+    _check_module_builds(module, info, label_dim)
     return Run(config, workdir, info, label_dim, module, builders.build_precond(config),
                builders.build_sampler(config), mesh)
+
+
+def _check_module_builds(module, info, label_dim) -> None:
+    """Trace the network's initialisation (no compilation) so an impossible architecture, e.g.
+    channel counts GroupNorm cannot split, is a config error naming model.kwargs."""
+    x = jax.ShapeDtypeStruct((1, info.resolution, info.resolution, info.channels), jnp.float32)
+    labels = jax.ShapeDtypeStruct((1, label_dim), jnp.float32) if label_dim else None
+    try:
+        jax.eval_shape(lambda x, s, y: module.init(jax.random.key(0), x, s, y), x,
+                       jax.ShapeDtypeStruct((1,), jnp.float32), labels)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'model.kwargs: the network cannot be built: {str(e).splitlines()[0]}') from None
 
 
 def _abstract_state(run: Run, setup: train.TrainSetup):
@@ -84,7 +101,8 @@ def train_and_evaluate(config, workdir) -> dict:
     _save_config(run)
     state = run_training(run)
     result = {}
-    if config.eval.after_training:
+    finished = int(state.step) >= config.train.total_images // config.train.batch_size
+    if config.eval.after_training and finished:  # Not after a pre-emption: there is no time left.
         writer = monitor.Writer(run.workdir / 'tb', enabled=run.is_main)
         result = sample_and_score(run, state.ema_params, int(state.step), writer)
         writer.close()

@@ -53,20 +53,22 @@ def learning_rate(step, *, lr: float, batch_size: int, warmup_images: float):
     """EDM's linear warm-up: lr * min(step * batch / warmup_images, 1) (0 at the first step)."""
     if warmup_images <= 0:
         return jnp.asarray(lr, jnp.float32)
-    return lr * jnp.minimum(step * batch_size / warmup_images, 1.0)
+    images = jnp.asarray(step, jnp.float32) * batch_size  # float: step * batch overflows int32
+    return lr * jnp.minimum(images / warmup_images, 1.0)
 
 
 def ema_beta(step, *, batch_size: int, halflife_images: float, rampup_ratio: float):
     """EDM's EMA decay per step: 0.5 ** (batch / halflife), halflife ramped up with the images seen."""
     halflife = jnp.asarray(halflife_images, jnp.float32)
     if rampup_ratio > 0:
-        halflife = jnp.minimum(halflife, step * batch_size * rampup_ratio)
+        halflife = jnp.minimum(halflife, jnp.asarray(step, jnp.float32) * batch_size * rampup_ratio)
     return 0.5 ** (batch_size / jnp.maximum(halflife, 1e-8))
 
 
-def make_optimizer(optim_config, schedule) -> optax.GradientTransformation:
-    """Adam with the given learning-rate schedule, and optional global-norm clipping."""
-    adam = optax.adam(schedule, b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps)
+def make_optimizer(optim_config) -> optax.GradientTransformation:
+    """Adam's direction (optional global-norm clipping first), without the learning rate: the
+    step applies lr(images seen) itself, so a skipped step cannot shift the schedule."""
+    adam = optax.scale_by_adam(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps)
     if optim_config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
     return adam
@@ -78,7 +80,7 @@ def make_setup(config, module, precond, loss_fn) -> TrainSetup:
     schedule = functools.partial(learning_rate, lr=config.optim.lr, batch_size=batch_size,
                                  warmup_images=config.optim.warmup_images)
     return TrainSetup(module=module, precond=precond, loss_fn=loss_fn, lr_schedule=schedule,
-                      optimizer=make_optimizer(config.optim, schedule), batch_size=batch_size,
+                      optimizer=make_optimizer(config.optim), batch_size=batch_size,
                       ema_halflife_images=config.ema.halflife_images, ema_rampup_ratio=config.ema.rampup_ratio,
                       use_labels=config.data.use_labels)
 
@@ -113,13 +115,14 @@ def train_step(setup: TrainSetup, state: TrainState, batch: dict, base_key) -> t
     """One optimiser step on one global batch; non-finite updates are skipped and counted."""
     key = jax.random.fold_in(base_key, state.step)
     _, mean_loss, grads = loss_and_grads(setup, state.params, batch, key)
-    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    direction, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+    lr = setup.lr_schedule(state.step)
+    params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
     beta = ema_beta(state.step, batch_size=setup.batch_size, halflife_images=setup.ema_halflife_images,
                     rampup_ratio=setup.ema_rampup_ratio)
     ema_params = jax.tree.map(lambda e, p: beta * e + (1 - beta) * p, state.ema_params, params)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(mean_loss) & jnp.isfinite(grad_norm)  # A non-finite gradient makes the norm so.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1,
@@ -128,7 +131,7 @@ def train_step(setup: TrainSetup, state: TrainState, batch: dict, base_key) -> t
                            opt_state=keep(opt_state, state.opt_state),
                            skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {'loss': mean_loss, 'grad_norm': grad_norm, 'skipped': new_state.skipped,
-               'learning_rate': setup.lr_schedule(state.step)}
+               'learning_rate': lr}
     return new_state, metrics
 
 
