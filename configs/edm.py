@@ -29,7 +29,7 @@ def digits(c):
     c.data.name, c.data.resolution, c.data.channels = 'digits', 8, 1
     c.model.kwargs = _ddpmpp(32, (1, 2), dropout=0.1, attn_resolutions=(4,), num_blocks=2)
     c.train.batch_size = 128
-    c.train.total_images = 250_000
+    c.train.total_images = 120_000
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 500
     c.optim.lr = 2e-3
