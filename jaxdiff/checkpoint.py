@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import signal
 import threading
 import zlib
@@ -110,7 +111,10 @@ class Checkpointer:
     """
 
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
+        # orbax's array store needs an absolute path; a relative one fails only inside the async save.
         self.directory = epath.Path(directory)
+        if '://' not in str(directory):
+            self.directory = epath.Path(os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)

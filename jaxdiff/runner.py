@@ -49,7 +49,7 @@ class Run:
 def prepare(config, workdir) -> Run:
     """Validate the config against the data set and the devices, and build the run's pieces.
     Every problem is a ValueError naming the config field, raised before anything is compiled."""
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).absolute()
     data.validate(config.data)
     info = data.dataset_info(config.data)
     label_dim = info.num_classes if config.data.use_labels else 0

@@ -270,3 +270,18 @@ def test_sharded_state_restores_onto_its_sharding(tmp_path):
     result = subprocess.run([sys.executable, '-c', SHARDED, str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
+
+
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    """orbax's array store rejects relative paths inside its async save; the launcher's default
+    work directory is relative, so the Checkpointer must make it absolute."""
+    monkeypatch.chdir(tmp_path)
+    state = {'w': jnp.arange(6.0).reshape(2, 3)}
+    ckpt = Checkpointer('runs/relative/checkpoints', keep=2)
+    ckpt.save(1, state, data_state={'next_index': 1})
+    ckpt.wait()
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    step, restored, data_state = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert step == 1 and data_state == {'next_index': 1}
+    np.testing.assert_array_equal(restored['w'], state['w'])
