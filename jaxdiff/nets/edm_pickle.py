@@ -19,6 +19,9 @@ stride, ...)` (wrapped in `_rebuild_parameter` for parameters), where `storage` 
 `torch.storage._load_from_bytes(blob)` and `blob` is a `torch.save` of the storage alone. torch
 writes that blob in its legacy (non-zip) format; the zip format is read too, in case another
 writer used it. Both are parsed here with their own restricted unpicklers.
+
+`load_torch_state_dict` reads the other common torch file, a plain `torch.save(state_dict)`
+(zip or legacy format), with the same readers and a whitelist without EDM's names.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-__all__ = ['EDMPickle', 'EDMPickleError', 'load_edm_pickle', 'PRECOND_PARAMS', 'MODEL_PARAMS']
+__all__ = ['EDMPickle', 'EDMPickleError', 'load_edm_pickle', 'load_torch_state_dict',
+           'PRECOND_PARAMS', 'MODEL_PARAMS']
 
 
 class EDMPickleError(pickle.UnpicklingError, ValueError):
@@ -404,15 +408,20 @@ def _outer_globals() -> dict:
 _PY2_MODULES = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}
 
 NOT_EDM = 'the file is not a plain NVlabs/edm network pickle'
+NOT_STATE_DICT = 'the file is not a plain torch state dict'
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals of `allowed`, and nothing by import."""
+    """An unpickler that resolves only the globals of `allowed`, and nothing by import.
 
-    def __init__(self, file, allowed: dict, persistent_load=None):
+    `what` says what the file should have been, for the error messages.
+    """
+
+    def __init__(self, file, allowed: dict, persistent_load=None, what: str = NOT_EDM):
         super().__init__(file)
         self._allowed = allowed
         self._persistent_load = persistent_load
+        self._what = what
 
     def find_class(self, module, name):
         module = _PY2_MODULES.get(module, module)
@@ -421,18 +430,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         except (KeyError, TypeError):
             pass
         raise EDMPickleError(
-            f'refusing to load global {module}.{name}: {NOT_EDM} (only the torch/EDM names '
+            f'refusing to load global {module}.{name}: {self._what} (only the torch/EDM names '
             f'such pickles use are allowed, and the code embedded in them is never run)')
 
     def persistent_load(self, pid):
         # An instance attribute would not override the C unpickler's lookup, hence this hop.
         if self._persistent_load is None:
-            raise EDMPickleError(f'unexpected persistent id {pid!r}: {NOT_EDM}')
+            raise EDMPickleError(f'unexpected persistent id {pid!r}: {self._what}')
         return self._persistent_load(pid)
 
 
 _OUTER_GLOBALS = _outer_globals()
 _BLOB_GLOBALS = _storage_globals()
+# A state dict is an OrderedDict of tensors: the torch names of the network whitelist, without
+# EDM's persistence, dnnlib and torch module classes.
+_STATE_DICT_GLOBALS = {key: value for key, value in _OUTER_GLOBALS.items()
+                       if not key[0].startswith(('torch_utils', 'dnnlib', 'torch.nn.modules'))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,76 +483,96 @@ def _native(array: np.ndarray) -> np.ndarray:
 def _load_storage_blob(blob: bytes) -> _Storage:
     """The storage in the bytes of `torch.save(storage)`, zip or legacy format."""
     if blob[:4] == b'PK\x03\x04':
-        return _load_zip_blob(blob)
-    if blob[257:262] == b'ustar':
+        storage = _read_zip(io.BytesIO(blob), _BLOB_GLOBALS, NOT_EDM, 'torch zip blob')
+    elif blob[257:262] == b'ustar':
         raise EDMPickleError('storage saved in the tar format of torch < 0.4 is not supported')
-    return _load_legacy_blob(blob)
+    else:
+        storage = _read_legacy(blob, _BLOB_GLOBALS, NOT_EDM, 'legacy torch.save blob')
+    if not isinstance(storage, _Storage):
+        raise EDMPickleError('torch.save blob does not hold a storage')
+    return storage
 
 
-def _load_legacy_blob(blob: bytes) -> _Storage:
-    """Legacy `torch.save`: magic, protocol, sys_info, object pickle, key list, raw storages.
+def _inert(table: dict) -> dict:
+    """`table` with the tensor builders replaced by functions returning None."""
+    builders = _TENSOR_BUILDERS + (_rebuild_from_type_v2,)
+    return {key: _Global(value.qualname, lambda *args: None)
+            if isinstance(value, _Global) and value.fn in builders else value
+            for key, value in table.items()}
 
-    Each raw storage is an int64 element count and the elements, both little-endian.
+
+def _read_legacy(blob: bytes, table: dict, what: str, name: str):
+    """The object of a legacy `torch.save` stream, its tensors filled from the raw storages.
+
+    Layout: magic, protocol and sys_info pickles; the object pickle, whose storages are
+    persistent ids; the pickled list of storage keys; then each storage in that order as an
+    int64 element count and the elements, both little-endian. The element size of a record is
+    known only from the persistent ids, so the object pickle is read twice: first with inert
+    tensor builders to collect each storage's dtype and size, then for real.
     """
     f = io.BytesIO(blob)
-    header = [_RestrictedUnpickler(f, {}).load() for _ in range(3)]
+    header = [_RestrictedUnpickler(f, {}, what=what).load() for _ in range(3)]
     if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
-        raise EDMPickleError('storage blob is neither a torch zip nor a legacy torch.save stream')
-    wanted = {}
+        raise EDMPickleError(f'{name} is neither a torch zip file nor a legacy torch.save stream')
+    start, wanted = f.tell(), {}
 
-    def persistent_load(pid):
+    def record(pid):
         key, dtype, numel = _storage_pid(pid)
-        wanted[key] = (dtype, numel)
-        return key
+        if wanted.setdefault(key, (dtype, numel)) != (dtype, numel):
+            raise EDMPickleError(f'{name} names storage {key} with two types or sizes')
 
-    root = _RestrictedUnpickler(f, _BLOB_GLOBALS, persistent_load).load()
-    keys = _RestrictedUnpickler(f, {}).load()
-    if not isinstance(keys, list) or set(keys) != set(wanted) or not isinstance(root, str):
-        raise EDMPickleError('legacy torch.save blob does not hold exactly one storage')
+    _RestrictedUnpickler(f, _inert(table), record, what).load()
+    keys = _RestrictedUnpickler(f, {}, what=what).load()
+    if not isinstance(keys, list) or len(keys) != len(wanted) or set(keys) != set(wanted):
+        raise EDMPickleError(f'{name} lists other storages than its object uses')
     pos, arrays = f.tell(), {}
     for key in keys:
         dtype, numel = wanted[key]
         count = int.from_bytes(blob[pos:pos + 8], 'little', signed=True)
         end = pos + 8 + count * dtype.itemsize
         if count != numel or end > len(blob):
-            raise EDMPickleError('legacy torch.save blob is truncated or inconsistent')
-        arrays[key] = np.frombuffer(blob, _with_order(dtype, '<'), count, pos + 8)
+            raise EDMPickleError(f'{name} is truncated or inconsistent')
+        arrays[key] = _native(np.frombuffer(blob, _with_order(dtype, '<'), count, pos + 8))
         pos = end
-    return _Storage(_native(arrays[root]))
+    f.seek(start)
+    return _RestrictedUnpickler(f, table, lambda pid: _Storage(arrays[_storage_pid(pid)[0]]),
+                                what).load()
 
 
-def _load_zip_blob(blob: bytes) -> _Storage:
-    """Zip `torch.save`: `<dir>/data.pkl` naming storages kept in `<dir>/data/<key>`."""
-    with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+def _read_zip(source, table: dict, what: str, name: str):
+    """The object of a zip `torch.save`: `<dir>/data.pkl` naming storages kept in
+    `<dir>/data/<key>`, with `<dir>/byteorder` giving their byte order (little if absent)."""
+    with zipfile.ZipFile(source) as zf:
         names = [n for n in zf.namelist() if n.endswith('data.pkl') and n.count('/') <= 1]
         if len(names) != 1:
-            raise EDMPickleError('torch zip blob without exactly one data.pkl')
+            raise EDMPickleError(f'{name} without exactly one data.pkl')
         prefix = names[0][:-len('data.pkl')]
 
-        def read(name: str) -> bytes:
-            info = zf.getinfo(prefix + name)
+        def read(entry: str) -> bytes:
+            info = zf.getinfo(prefix + entry)
             if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses; avoid bombs.
-                raise EDMPickleError(f'compressed entry {info.filename} in a torch zip blob')
+                raise EDMPickleError(f'compressed entry {info.filename} in a {name}')
             return zf.read(info)
 
         order = '<'
         if prefix + 'byteorder' in zf.namelist():
             order = {b'little': '<', b'big': '>'}.get(read('byteorder').strip())
             if order is None:
-                raise EDMPickleError('torch zip blob with an unknown byte order')
+                raise EDMPickleError(f'{name} with an unknown byte order')
+        loaded = {}
 
         def persistent_load(pid):
             key, dtype, numel = _storage_pid(pid)
-            raw = read(f'data/{key}')
-            if len(raw) != numel * dtype.itemsize:
-                raise EDMPickleError(f'storage {key} has {len(raw)} bytes, not {numel} elements')
-            return _Storage(_native(np.frombuffer(raw, _with_order(dtype, order))))
+            if key not in loaded:  # Tensors sharing a storage share one array, as in torch.
+                raw = read(f'data/{key}')
+                if len(raw) != numel * dtype.itemsize:
+                    raise EDMPickleError(f'storage {key} has {len(raw)} bytes, not {numel} '
+                                         f'elements')
+                loaded[key] = _Storage(_native(np.frombuffer(raw, _with_order(dtype, order))))
+            return loaded[key]
 
-        storage = _RestrictedUnpickler(io.BytesIO(read('data.pkl')), _BLOB_GLOBALS,
-                                       persistent_load).load()
-    if not isinstance(storage, _Storage):
-        raise EDMPickleError('torch zip blob does not hold a storage')
-    return storage
+        return _RestrictedUnpickler(io.BytesIO(read('data.pkl')), table, persistent_load,
+                                    what).load()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,3 +714,46 @@ def _load(f: BinaryIO, name: str, key: str | None) -> EDMPickle:
         # Truncated or corrupt data surfaces as any of these from pickle, zipfile or numpy.
         raise EDMPickleError(f'{name}: cannot read it as an EDM network pickle '
                              f'(corrupt or truncated?): {type(exc).__name__}: {exc}') from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain state dicts.
+# ---------------------------------------------------------------------------------------------
+
+def load_torch_state_dict(path_or_file: str | os.PathLike | BinaryIO) -> dict:
+    """The state dict in a `torch.save(module.state_dict())` file, as numpy arrays, without torch.
+
+    Reads torch's zip format (torch >= 1.6) and its legacy format (what older releases wrote,
+    e.g. many published `.pth` files), with the restricted unpickler used for EDM pickles: only
+    OrderedDict, torch's tensor and storage names and a few builtins resolve. Returns a dict
+    from parameter name to a new C-contiguous array, in the file's order (torch's own
+    `_metadata` attribute of the OrderedDict is dropped). Raises `EDMPickleError` (a
+    `ValueError`) naming the file when it is corrupt, truncated, names another global or holds
+    anything but a flat mapping from names to tensors.
+    """
+    if isinstance(path_or_file, (str, os.PathLike)):
+        name = os.fspath(path_or_file)
+        with open(name, 'rb') as f:
+            blob = f.read()
+    else:
+        name, blob = getattr(path_or_file, 'name', '<file object>'), path_or_file.read()
+    try:
+        if blob[:4] == b'PK\x03\x04':
+            root = _read_zip(io.BytesIO(blob), _STATE_DICT_GLOBALS, NOT_STATE_DICT, 'torch zip file')
+        elif blob[257:262] == b'ustar':
+            raise EDMPickleError('the tar format of torch < 0.4 is not supported')
+        else:
+            root = _read_legacy(blob, _STATE_DICT_GLOBALS, NOT_STATE_DICT, 'torch.save file')
+        if not isinstance(root, dict):
+            raise EDMPickleError(f'the file holds {type(root).__name__}, not a state dict')
+        for key, value in root.items():
+            if not isinstance(key, str) or not isinstance(value, np.ndarray):
+                raise EDMPickleError(f'entry {key!r} is {type(value).__name__}, not a named '
+                                     f'tensor: {NOT_STATE_DICT}')
+        return dict(root)
+    except EDMPickleError as exc:
+        raise EDMPickleError(f'{name}: {exc}') from exc
+    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError,
+            KeyError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+        raise EDMPickleError(f'{name}: cannot read it as a torch state dict (corrupt or '
+                             f'truncated?): {type(exc).__name__}: {exc}') from exc
