@@ -1,14 +1,13 @@
-"""Sample-quality metrics: Fréchet distance on network features, and the offline "digits FD".
+"""The offline digits scores: FD, KID, precision/recall and density/coverage of generated 8x8
+digits on the features of a small classifier, each next to its real-vs-real floor.
 
-The metric functions take features (arrays [N, D]) and return plain numbers, whatever network
-made the features; the statistics and the distance are computed in float64 with numpy (DESIGN
-§9). The digits FD uses the small classifier of `jaxdiff.nets.digits_classifier`, whose weights
-ship as `jaxdiff/assets/digits_classifier.npz` (made by `scripts/train_digits_classifier.py`),
-so tests and benchmarks on sklearn's 8x8 digits can score samples with no download.
+The formulas (float64, any feature network) are in `jaxdiff.metrics`; `frechet_distance`,
+`feature_statistics` and `FeatureStatistics` are re-exported here. The feature network is the
+classifier of `jaxdiff.nets.digits_classifier`, whose weights ship as
+`jaxdiff/assets/digits_classifier.npz` (made by `scripts/train_digits_classifier.py`), so tests
+and benchmarks on sklearn's digits can score samples with no download (DESIGN §9).
 
-    mu, sigma = feature_statistics(features)            # one shot
-    stats = FeatureStatistics(); stats.update(batch)...; mu, sigma = stats.finalize()
-    fd = frechet_distance(mu1, sigma1, mu2, sigma2)
+    features, logits = digits_features(images)
     report = digits_report(samples, real_images)         # JSON-serialisable dict
 """
 from __future__ import annotations
@@ -23,109 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import metrics
+# The formulas live in jaxdiff.metrics; these names stay importable from here (runner, scripts).
+from jaxdiff.metrics import FeatureStatistics, feature_statistics, frechet_distance  # noqa: F401
 from jaxdiff.nets.digits_classifier import IMAGE_SHAPE, DigitsClassifier
-
-# ---------------------------------------------------------------------------------------------
-# Feature statistics
-
-
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of features [N, D], in float64:
-
-        mu = (1/N) sum_i x_i,   sigma = 1/(N-1) sum_i (x_i - mu)(x_i - mu)^T
-
-    (the unbiased covariance, as `numpy.cov(features, rowvar=False)`).
-    """
-    x = np.asarray(features, np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f'features must be [N, D] with N >= 2, got shape {x.shape}')
-    mu = x.mean(0)
-    centred = x - mu
-    return mu, centred.T @ centred / (x.shape[0] - 1)
-
-
-class FeatureStatistics:
-    """Streaming `feature_statistics`: feed batches with `update`, read (mu, sigma) with `finalize`.
-
-    Accumulates in float64 the count n and the sums S1 = sum (x - c), S2 = sum (x - c)(x - c)^T
-    around a shift c (the first batch's mean), then
-
-        mu = c + S1/n,   sigma = (S2 - S1 S1^T / n) / (n - 1).
-
-    The shift keeps the subtraction in sigma from cancelling catastrophically when the features
-    have a mean far from zero; with it the result equals the one-shot function to rounding.
-    """
-
-    def __init__(self):
-        self.count = 0
-        self.shift = None
-        self.sum = None
-        self.sum_outer = None
-
-    def update(self, features) -> None:
-        x = np.asarray(features, np.float64)
-        if x.ndim != 2:
-            raise ValueError(f'features must be [N, D], got shape {x.shape}')
-        if x.shape[0] == 0:
-            return
-        if self.shift is None:
-            self.shift = x.mean(0)
-            self.sum = np.zeros_like(self.shift)
-            self.sum_outer = np.zeros((x.shape[1], x.shape[1]))
-        elif x.shape[1] != self.shift.shape[0]:
-            raise ValueError(f'feature dimension changed from {self.shift.shape[0]} to {x.shape[1]}')
-        d = x - self.shift
-        self.count += x.shape[0]
-        self.sum += d.sum(0)
-        self.sum_outer += d.T @ d
-
-    def finalize(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.count < 2:
-            raise ValueError(f'need at least 2 feature vectors, got {self.count}')
-        mean_d = self.sum / self.count
-        sigma = (self.sum_outer - self.count * np.outer(mean_d, mean_d)) / (self.count - 1)
-        return self.shift + mean_d, sigma
-
-
-# ---------------------------------------------------------------------------------------------
-# Fréchet distance
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet (2-Wasserstein squared) distance between N(mu1, sigma1) and N(mu2, sigma2):
-
-        FD = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
-
-    The trace term is computed as tr((A sigma2 A)^(1/2)) = sum_k sqrt(lambda_k) with A = sigma1^(1/2)
-    and lambda_k the eigenvalues of the symmetric PSD matrix A sigma2 A (similar to sigma1 sigma2,
-    so same eigenvalues). Both steps are symmetric eigendecompositions (`eigh`): no complex
-    arithmetic, and rounding shows up as tiny negative eigenvalues that are clipped to zero,
-    where `scipy.linalg.sqrtm(sigma1 @ sigma2)` (pytorch-fid, EDM) works on a non-symmetric
-    product, can return imaginary parts and needs an eps*I retry when a covariance is singular
-    (fewer samples than feature dimensions). A result within rounding below zero returns 0.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f'shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}')
-    sqrt_sigma1 = _psd_sqrt(sigma1)
-    product_eigvals = np.linalg.eigvalsh(_symmetric(sqrt_sigma1 @ sigma2 @ sqrt_sigma1))
-    trace_sqrt = np.sqrt(np.clip(product_eigvals, 0.0, None)).sum()
-    diff = mu1 - mu2
-    fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
-    return float(max(fd, 0.0))
-
-
-def _symmetric(a: np.ndarray) -> np.ndarray:
-    return 0.5 * (a + a.T)
-
-
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root U diag(sqrt(max(l, 0))) U^T of a symmetric PSD matrix."""
-    eigvals, eigvecs = np.linalg.eigh(_symmetric(sigma))
-    return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
-
 
 # ---------------------------------------------------------------------------------------------
 # The digits classifier (feature network of the digits FD)
@@ -204,13 +104,14 @@ def split_half_fd(features, *, num_splits: int, rng: np.random.Generator) -> flo
     """Mean FD between the two halves of `num_splits` random splits of one feature set: the FD
     that sampling noise alone gives at sizes (floor(M/2), ceil(M/2))."""
     features = np.asarray(features)
-    m = len(features)
-    fds = []
-    for _ in range(num_splits):
-        order = rng.permutation(m)
-        a, b = features[order[:m // 2]], features[order[m // 2:]]
-        fds.append(frechet_distance(*feature_statistics(a), *feature_statistics(b)))
-    return float(np.mean(fds))
+    return float(np.mean([frechet_distance(*feature_statistics(features[a]), *feature_statistics(features[b]))
+                          for a, b in _halves(len(features), num_splits, rng)]))
+
+
+def _halves(m: int, num_splits: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Index pairs (first floor(m/2), last ceil(m/2)) of `num_splits` random permutations."""
+    orders = [rng.permutation(m) for _ in range(num_splits)]
+    return [(order[:m // 2], order[m // 2:]) for order in orders]
 
 
 def fd_floor_at(fd_halves: float, num_real: int, num_samples: int) -> float:
@@ -226,17 +127,32 @@ def fd_floor_at(fd_halves: float, num_real: int, num_samples: int) -> float:
     return fd_halves * (1.0 / num_samples + 1.0 / num_real) / (1.0 / a + 1.0 / b)
 
 
+MANIFOLD_METRICS = ('precision', 'recall', 'density', 'coverage')
+
+
 def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, real_labels=None) -> dict:
     """Score generated 8x8 digits [N, 8, 8, 1] in [-1, 1] against real ones [M, 8, 8, 1].
 
-    Returns a JSON-serialisable dict:
+    The floors come from `num_splits` random splits of the real images into disjoint halves A, B
+    (sizes floor(M/2), ceil(M/2)): what real digits score against real digits. Returns a
+    JSON-serialisable dict:
 
     - `fd`: Fréchet distance of the classifier features of the N samples vs all M real images;
     - `fd_floor`: what two sets of real digits of the same sizes (N vs M) score, the noise floor of
       `fd`. No set of N real digits disjoint from all M exists, so it is `fd_halves` rescaled by
       the FD's leading-order sample-size bias (see `fd_floor_at`). A model that reproduces its
       training digits can score below the floor when `real_images` is its training set;
-    - `fd_halves`: mean FD of `num_splits` random disjoint halves of the real images (DESIGN §9);
+    - `fd_halves`: mean FD of A vs B over the splits (DESIGN §9);
+    - `kid`, `kid_std`: `metrics.kernel_inception_distance` of the N samples vs all M real images
+      (100 subsets of min(1000, N, M)); `kid_floor`, `kid_floor_std`: mean and std over the splits
+      of `metrics.mmd2_unbiased` of all of A vs all of B. KID is unbiased, so its floor is 0 up to noise at any size, and
+      `kid_floor_std` says how far from 0 real digits land: a `kid` within a few of it is as good
+      as real at this resolution;
+    - `precision`, `recall` (`metrics.precision_recall`, k = 3) and `density`, `coverage`
+      (`metrics.density_coverage`, k = 5), and each `<name>_floor`: these depend on both set sizes
+      (coverage strongly, on N/M), so each is the mean over the splits of min(N, |A|) samples
+      (`manifold_num_samples`, a random subset when N is larger) scored against B
+      (`manifold_num_real` real digits), and its floor the same score of A against B;
     - `num_samples`, `num_real`;
     - `class_histogram`: counts of the classifier's argmax on the samples, classes 0..9;
     - `class_entropy`: entropy of that histogram in nats (ln 10 = 2.303 for uniform classes) and
@@ -251,26 +167,60 @@ def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, 
             raise ValueError(f'{name} must be [N, 8, 8, 1] with N >= 2, got shape {images.shape}')
         if not np.isfinite(images).all():
             raise ValueError(f'{name} has {np.size(images) - np.isfinite(images).sum()} non-finite values')
+    if len(real_images) < 12:  # halves of >= 6: k-NN balls with k = 5 need 6 vectors
+        raise ValueError(f'real_images must have at least 12 images for the floors, got {len(real_images)}')
     sample_features, sample_logits = digits_features(samples)
     real_features, real_logits = digits_features(real_images)
+    num_samples, num_real = len(samples), len(real_images)
+    rng = np.random.default_rng(seed)
+    halves = _halves(num_real, num_splits, rng)
 
     fd = frechet_distance(*feature_statistics(sample_features), *feature_statistics(real_features))
-    fd_halves = split_half_fd(real_features, num_splits=num_splits, rng=np.random.default_rng(seed))
+    fd_halves = float(np.mean([frechet_distance(*feature_statistics(real_features[a]),
+                                                *feature_statistics(real_features[b])) for a, b in halves]))
+    kid, kid_std = metrics.kernel_inception_distance(sample_features, real_features, seed=seed)
+    # The halves' KID on the whole halves (subsets of size |A| would all be A itself), from one
+    # kernel matrix of all the real features.
+    k_real = metrics.polynomial_kernel(real_features, real_features)
+    kid_halves = [metrics.mmd2_unbiased(k_real[np.ix_(a, a)], k_real[np.ix_(b, b)], k_real[np.ix_(a, b)])
+                  for a, b in halves]
+    manifold = {name: [] for name in MANIFOLD_METRICS}
+    floor = {name: [] for name in MANIFOLD_METRICS}
+    num_manifold = min(num_samples, num_real // 2)
+    for a, b in halves:
+        fake = sample_features[np.sort(rng.choice(num_samples, num_manifold, replace=False))]
+        reference = real_features[b]
+        radii = dict(zip((3, 5), metrics.knn_radii(reference, (3, 5))))  # B's balls serve both sets
+        for scores, features in ((manifold, fake), (floor, real_features[a])):
+            for name, value in metrics.manifold_metrics(reference, features, real_radii=radii).items():
+                scores[name].append(value)
+
     histogram = np.bincount(sample_logits.argmax(-1), minlength=sample_logits.shape[-1])
     p = histogram[histogram > 0] / histogram.sum()
     entropy = float(-(p * np.log(p)).sum())
     confidence = jax.nn.softmax(jnp.asarray(sample_logits), -1).max(-1)
     report = {
         'fd': fd,
-        'fd_floor': fd_floor_at(fd_halves, len(real_images), len(samples)),
+        'fd_floor': fd_floor_at(fd_halves, num_real, num_samples),
         'fd_halves': fd_halves,
-        'num_samples': len(samples),
-        'num_real': len(real_images),
+        'kid': kid,
+        'kid_std': kid_std,
+        'kid_floor': float(np.mean(kid_halves)),
+        'kid_floor_std': float(np.std(kid_halves)),
+    }
+    for name in MANIFOLD_METRICS:
+        report[name] = float(np.mean(manifold[name]))
+        report[f'{name}_floor'] = float(np.mean(floor[name]))
+    report.update({
+        'manifold_num_samples': num_manifold,
+        'manifold_num_real': num_real - num_real // 2,
+        'num_samples': num_samples,
+        'num_real': num_real,
         'class_histogram': [int(c) for c in histogram],
         'class_entropy': entropy,
         'class_balance': entropy / math.log(len(histogram)),
         'mean_confidence': float(confidence.mean()),
-    }
+    })
     if real_labels is not None:
         report['real_accuracy'] = float(np.mean(real_logits.argmax(-1) == np.asarray(real_labels)))
     return report
