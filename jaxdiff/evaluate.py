@@ -147,7 +147,7 @@ def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, 
       (100 subsets of min(1000, N, M)); `kid_floor`, `kid_floor_std`: mean and std over the splits
       of `metrics.mmd2_unbiased` of all of A vs all of B. KID is unbiased, so its floor is 0 up to noise at any size, and
       `kid_floor_std` says how far from 0 real digits land: a `kid` within a few of it is as good
-      as real at this resolution;
+      as real at this resolution. Samples that copy images of `real_images` score below 0;
     - `precision`, `recall` (`metrics.precision_recall`, k = 3) and `density`, `coverage`
       (`metrics.density_coverage`, k = 5), and each `<name>_floor`: these depend on both set sizes
       (coverage strongly, on N/M), so each is the mean over the splits of min(N, |A|) samples

@@ -179,7 +179,10 @@ def mmd2_unbiased(k_xx, k_yy, k_xy) -> float:
     samples, so E[MMD^2_u] = 0 when x and y come from one distribution (it can be negative).
     """
     k_xx, k_yy, k_xy = (np.asarray(k, np.float64) for k in (k_xx, k_yy, k_xy))
-    m, n = k_xy.shape
+    m, n = k_xy.shape if k_xy.ndim == 2 else (-1, -1)
+    if k_xx.shape != (m, m) or k_yy.shape != (n, n) or min(m, n) < 2:
+        raise ValueError(f'kernel matrices must be [m, m], [n, n], [m, n] with m, n >= 2, got '
+                         f'{k_xx.shape}, {k_yy.shape}, {k_xy.shape}')
     return float((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
                  - 2.0 * k_xy.sum() / (m * n))
 
@@ -196,6 +199,10 @@ def kernel_inception_distance(features1, features2, *, num_subsets: int = 100, s
     defaults are those of the reference implementations). The std is the spread of the subset
     estimates (numpy's default ddof=0), not a standard error of the mean.
 
+    Sets that share vectors (samples copying the training images, scored against them) come out
+    below 0: a shared vector pairs with itself in the cross term only, so E[KID(x, x)] =
+    2 (mean_{i != j} k(x_i, x_j) - mean_i k(x_i, x_i)) / N.
+
     When the whole kernel matrices are small (N1, N2 of a few thousand) they are computed once and
     a subset's kernel sums are read off as w^T K w with its 0/1 indicator w: the same estimate for
     far less arithmetic than kernels per subset, which large sets (50k x 2048) use instead.
@@ -204,6 +211,8 @@ def kernel_inception_distance(features1, features2, *, num_subsets: int = 100, s
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f'features must be [N, D] with one D, got shapes {x.shape} and {y.shape}')
     m = min(subset_size, len(x), len(y))
+    if num_subsets < 1:
+        raise ValueError(f'num_subsets must be >= 1, got {num_subsets}')
     if m < 2:
         raise ValueError(f'KID needs subsets of at least 2 vectors, got {m} (sizes {len(x)}, {len(y)})')
     rng = np.random.default_rng(seed)
@@ -239,8 +248,8 @@ def _mmd2_subsets_from_gram(x, y, subsets) -> np.ndarray:
 #
 # A set's manifold is the union of the balls B(x, NND_k(x)) around its vectors, NND_k(x) the
 # distance from x to its k-th nearest neighbour in the same set (itself not counted). Balls are
-# closed (distance <= radius), as in Kynkäänniemi et al.; boundary ties occur only for duplicate
-# vectors. Distances come in blocks of `batch_size` rows, |x|^2 + |y|^2 - 2 x^T y in float64, so
+# closed (distance <= radius), as in Kynkäänniemi et al.; a vector exactly on a boundary (a fake
+# equal to a real vector's k-th neighbour) is in or out as float64 rounding falls. Distances come in blocks of `batch_size` rows, |x|^2 + |y|^2 - 2 x^T y in float64, so
 # memory is batch_size x N per block (512 x 50k: 200 MB) rather than N x N.
 
 _BATCH_SIZE = 512
@@ -278,7 +287,9 @@ def density_coverage(real, fake, *, k: int = 5, batch_size: int = _BATCH_SIZE,
         coverage = (1/M) sum_i 1[some fake_j in B(real_i, NND_k(real_i))].
 
     Density is about 1 (unbounded above) and coverage about 1 - (1 - k/M)^N for fakes from the
-    real distribution; both use only the real balls, so outlying fake vectors do not inflate them.
+    real distribution. Both use the real balls only, and density counts how many balls hold each
+    fake, so the large balls of a few outlying real vectors move them little (the paper's reason
+    for them over precision/recall).
     `real_radii` as in `precision_recall`.
     """
     scores = manifold_metrics(real, fake, k_precision_recall=None, k_density_coverage=k, batch_size=batch_size,

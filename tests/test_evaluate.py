@@ -1,5 +1,6 @@
-"""Tests of jaxdiff.evaluate: Fréchet distance closed forms, feature statistics (one shot and
-streaming), the shipped digits classifier and the digits report."""
+"""Tests of jaxdiff.evaluate: the shipped digits classifier and the digits report (FD, KID,
+precision/recall, density/coverage against their real-vs-real floors). The metric formulas
+themselves are tested in test_metrics.py."""
 import importlib.util
 import json
 import pathlib
@@ -7,10 +8,9 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-import scipy.linalg
 from scipy.ndimage import uniform_filter
 
-from jaxdiff import evaluate
+from jaxdiff import evaluate, metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,105 +31,16 @@ def train_script():
     return module
 
 
-def random_orthogonal(rng, d):
-    q, r = np.linalg.qr(rng.normal(size=(d, d)))
-    return q * np.sign(np.diag(r))
-
-
-def random_covariance(rng, d, n):
-    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
-    return np.cov(x, rowvar=False)
-
-
 # ---------------------------------------------------------------------------------------------
-# Fréchet distance
+# The formulas (tested in test_metrics.py) stay importable from evaluate
 
 
-def test_frechet_distance_of_commuting_covariances_is_the_closed_form():
-    # Covariances with common eigenvectors Q: FD = |mu1 - mu2|^2 + sum_k (sqrt(a_k) - sqrt(b_k))^2.
-    rng = np.random.default_rng(0)
-    d = 12
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
-    q = random_orthogonal(rng, d)
-    fd = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
-    assert fd == pytest.approx(expected, rel=1e-10)
-
-
-def test_frechet_distance_with_singular_covariances_is_the_closed_form():
-    # Rank-deficient covariances (fewer samples than dimensions) need no eps*I regularisation.
-    rng = np.random.default_rng(1)
-    d = 10
-    a, b = rng.uniform(0.5, 2.0, d), rng.uniform(0.5, 2.0, d)
-    a[:4], b[2:6] = 0.0, 0.0
-    q = random_orthogonal(rng, d)
-    mu = np.zeros(d)
-    fd = evaluate.frechet_distance(mu, q @ np.diag(a) @ q.T, mu, q @ np.diag(b) @ q.T)
-    # Zero eigenvalues come out as +-1e-16 and their square roots as 1e-8: sqrt's own conditioning.
-    assert fd == pytest.approx(np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rel=1e-6)
-
-
-def test_frechet_distance_of_a_distribution_to_itself_is_zero():
-    rng = np.random.default_rng(2)
-    mu, sigma = rng.normal(size=20), random_covariance(rng, 20, 200)
-    assert evaluate.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
-
-
-def test_frechet_distance_is_symmetric():
-    rng = np.random.default_rng(3)
-    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
-    s1, s2 = random_covariance(rng, 16, 100), random_covariance(rng, 16, 50)
-    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
-        evaluate.frechet_distance(mu2, s2, mu1, s1), rel=1e-10)
-
-
-def test_frechet_distance_matches_scipy_sqrtm_on_random_features():
-    # The pytorch-fid / EDM computation: tr(sqrtm(sigma1 sigma2)) in float64 with scipy.
-    rng = np.random.default_rng(4)
-    f1 = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32))
-    f2 = 0.5 + rng.normal(size=(300, 32)) @ rng.normal(size=(32, 32))
-    mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
-    mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
-    reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-9)
-
-
-def test_frechet_distance_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match='shape'):
-        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature statistics
-
-
-def test_feature_statistics_is_mean_and_unbiased_covariance():
-    x = np.random.default_rng(5).normal(size=(100, 7)).astype(np.float32)
-    mu, sigma = evaluate.feature_statistics(x)
-    assert mu.dtype == sigma.dtype == np.float64
-    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12)
-
-
-def test_streaming_statistics_equal_one_shot_for_uneven_batches():
-    # A mean far from zero checks the shifted sums: unshifted sums of x x^T would cancel.
-    x = 1e4 + np.random.default_rng(6).normal(size=(1000, 9))
-    stats = evaluate.FeatureStatistics()
-    for start, stop in [(0, 1), (1, 257), (257, 257), (257, 700), (700, 1000)]:
-        stats.update(x[start:stop])
-    mu, sigma = stats.finalize()
-    mu_ref, sigma_ref = evaluate.feature_statistics(x)
-    np.testing.assert_allclose(mu, mu_ref, rtol=1e-14)
-    np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
-
-
-def test_streaming_statistics_need_two_vectors():
-    stats = evaluate.FeatureStatistics()
-    stats.update(np.zeros((1, 3)))
-    with pytest.raises(ValueError, match='at least 2'):
-        stats.finalize()
+def test_evaluate_re_exports_the_metric_formulas():
+    assert evaluate.frechet_distance is metrics.frechet_distance
+    assert evaluate.feature_statistics is metrics.feature_statistics
+    assert evaluate.FeatureStatistics is metrics.FeatureStatistics
+    x = np.random.default_rng(5).normal(size=(50, 3))
+    assert evaluate.frechet_distance(*evaluate.feature_statistics(x), *evaluate.feature_statistics(x + 1)) > 2.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,19 +103,28 @@ def test_train_script_runs_and_writes_a_file_the_loader_reads(train_script, tmp_
 # The digits report
 
 
-def test_digits_report_on_disjoint_real_digits_is_near_the_floor(digits):
-    # Samples and reference are disjoint real halves: fd should match the floor on average.
+MANIFOLD = ('precision', 'recall', 'density', 'coverage')
+
+
+def test_digits_report_on_disjoint_real_digits_is_near_the_floors(digits):
+    # Samples and reference are disjoint real halves: every metric should match its floor.
     images = digits[0]
-    fds, floors = [], []
+    reports = []
     for seed in range(3):
         order = np.random.default_rng(seed).permutation(len(images))
-        report = evaluate.digits_report(images[order[:898]], images[order[898:]], seed=seed)
-        fds.append(report['fd'])
-        floors.append(report['fd_floor'])
-    assert 0.6 < np.mean(fds) / np.mean(floors) < 1.5
+        reports.append(evaluate.digits_report(images[order[:898]], images[order[898:]], seed=seed))
+    mean = {k: np.mean([r[k] for r in reports]) for k in reports[0] if k != 'class_histogram'}
+    assert 0.6 < mean['fd'] / mean['fd_floor'] < 1.5
+    # KID is unbiased: real digits land within a few of the halves' spread of 0.
+    assert abs(mean['kid']) < 3 * mean['kid_floor_std'] and abs(mean['kid_floor']) < 3 * mean['kid_floor_std']
+    for name in MANIFOLD:
+        assert abs(mean[name] - mean[f'{name}_floor']) < 0.06, name
+    assert 0.85 < mean['precision_floor'] < 1 and 0.85 < mean['recall_floor'] < 1
+    assert 0.9 < mean['density_floor'] < 1.1 and 0.9 < mean['coverage_floor'] < 1
+    assert reports[0]['manifold_num_samples'] == 449 and reports[0]['manifold_num_real'] == 450
 
 
-def test_digits_report_ranks_bad_samples_far_above_the_floor(digits):
+def test_digits_report_ranks_bad_samples_far_above_the_floors(digits):
     images = digits[0]
     rng = np.random.default_rng(0)
     subset = images[rng.permutation(len(images))[:512]]
@@ -216,6 +136,9 @@ def test_digits_report_ranks_bad_samples_far_above_the_floor(digits):
     for name, samples in bad.items():
         report = evaluate.digits_report(samples, images)
         assert report['fd'] > 20 * report['fd_floor'], name
+        assert report['kid'] > report['kid_floor'] + 20 * report['kid_floor_std'], name
+        for metric in MANIFOLD:
+            assert report[metric] < report[f'{metric}_floor'] - 0.3, (name, metric)
 
 
 def test_digits_report_is_json_serialisable_with_a_full_histogram(digits):
@@ -226,6 +149,9 @@ def test_digits_report_is_json_serialisable_with_a_full_histogram(digits):
     assert len(report['class_histogram']) == 10 and sum(report['class_histogram']) == 200
     assert 0.9 < report['class_balance'] <= 1.0 and report['real_accuracy'] >= 0.97
     assert report['fd'] >= 0 and report['fd_floor'] > 0
+    for key in ('kid', 'kid_std', 'kid_floor', 'kid_floor_std', *MANIFOLD, *(f'{m}_floor' for m in MANIFOLD)):
+        assert isinstance(report[key], float), key
+    assert report['manifold_num_samples'] == 200 and report['manifold_num_real'] == 899
 
 
 def test_fd_floor_rescales_the_halves_by_the_sample_size_bias():
@@ -241,3 +167,5 @@ def test_digits_report_rejects_wrong_shapes_and_non_finite_samples(digits):
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match='non-finite'):
         evaluate.digits_report(bad, images)
+    with pytest.raises(ValueError, match='at least 12'):
+        evaluate.digits_report(images[:10], images[:10])
