@@ -145,9 +145,11 @@ def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, 
     - `fd_halves`: mean FD of A vs B over the splits (DESIGN §9);
     - `kid`, `kid_std`: `metrics.kernel_inception_distance` of the N samples vs all M real images
       (100 subsets of min(1000, N, M)); `kid_floor`, `kid_floor_std`: mean and std over the splits
-      of `metrics.mmd2_unbiased` of all of A vs all of B. KID is unbiased, so its floor is 0 up to noise at any size, and
-      `kid_floor_std` says how far from 0 real digits land: a `kid` within a few of it is as good
-      as real at this resolution. Samples that copy images of `real_images` score below 0;
+      of `metrics.mmd2_unbiased` of all of A vs all of B. KID is unbiased, so its floor is 0 up to
+      noise at any size, and `kid_floor_std` says how far from 0 real digits land: a `kid` within
+      a few of it is as good as real at this resolution (`kid_std`, the spread over subsets that
+      at these sizes hold nearly the same vectors, understates that noise). Samples that copy images of
+      `real_images` score below 0 (see `metrics.kernel_inception_distance`);
     - `precision`, `recall` (`metrics.precision_recall`, k = 3) and `density`, `coverage`
       (`metrics.density_coverage`, k = 5), and each `<name>_floor`: these depend on both set sizes
       (coverage strongly, on N/M), so each is the mean over the splits of min(N, |A|) samples

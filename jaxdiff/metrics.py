@@ -249,8 +249,9 @@ def _mmd2_subsets_from_gram(x, y, subsets) -> np.ndarray:
 # A set's manifold is the union of the balls B(x, NND_k(x)) around its vectors, NND_k(x) the
 # distance from x to its k-th nearest neighbour in the same set (itself not counted). Balls are
 # closed (distance <= radius), as in Kynkäänniemi et al.; a vector exactly on a boundary (a fake
-# equal to a real vector's k-th neighbour) is in or out as float64 rounding falls. Distances come in blocks of `batch_size` rows, |x|^2 + |y|^2 - 2 x^T y in float64, so
-# memory is batch_size x N per block (512 x 50k: 200 MB) rather than N x N.
+# equal to a real vector's k-th neighbour) is in or out as float64 rounding falls. Distances come
+# in blocks of `batch_size` rows, |x|^2 + |y|^2 - 2 x^T y in float64, so memory is batch_size x N
+# per block (512 x 50k: 200 MB) rather than N x N.
 
 _BATCH_SIZE = 512
 
