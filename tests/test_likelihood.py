@@ -1,0 +1,431 @@
+"""Likelihoods through the probability-flow ODE, checked against independent references:
+closed-form Gaussian densities, explicit Jacobians and finite differences, the exact solution of a
+linear ODE, and the change of variables for bits/dim done by hand."""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from jaxdiff import likelihood as L
+from jaxdiff import precond, samplers
+from jaxdiff.analytic import GaussianDenoiser
+
+SHAPE = (4, 4, 2)  # 32-dimensional "images"
+DIM = int(np.prod(SHAPE))
+PROCESSES = {'edm': L.edm_process(), 'vp': L.vp_process(), 've': L.ve_process()}
+
+
+def diag_gaussian(seed=0, var_range=(0.05, 1.0), mean_scale=0.3):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=SHAPE) * mean_scale, rng.uniform(*var_range, size=SHAPE)
+
+
+def data_points(mean, var, n=4, seed=1):
+    return mean + np.random.default_rng(seed).normal(size=(n, *SHAPE)) * np.sqrt(var)
+
+
+def marginal(process, sigma, mean, var):
+    """Mean and std of the process's marginal at noise level sigma for N(mean, diag var) data:
+    N(s mean, s^2 (var + sigma^2)), s = 1/sqrt(1 + sigma^2) under VP scaling, else 1."""
+    s = 1 / math.sqrt(1 + sigma ** 2) if process.scaling == 'vp' else 1.0
+    return s * mean, s * np.sqrt(var + sigma ** 2)
+
+
+def normal_log_density(x, mean, std):
+    """float64 numpy log N(x; mean, diag std^2) per image."""
+    x = np.asarray(x, np.float64)
+    z = (x - mean) / std
+    return np.sum(-0.5 * z ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi), axis=tuple(range(1, x.ndim)))
+
+
+def exact_prior(process, mean, var, dtype):
+    """The exact marginal at sigma_max as a prior (a pytree, so it compiles once per structure)."""
+    m, s = marginal(process, process.sigma_max, mean, var)
+    return jax.tree_util.Partial(L.gaussian_log_prob, mean=jnp.asarray(m, dtype), std=jnp.asarray(s, dtype))
+
+
+def gaussian_setup(name, dtype, seed=0):
+    process = PROCESSES[name]
+    mean, var = diag_gaussian(seed)
+    denoise = GaussianDenoiser.create(jnp.asarray(mean, dtype), jnp.diag(jnp.asarray(var.reshape(-1), dtype)))
+    x = data_points(mean, var)
+    reference = normal_log_density(x, *marginal(process, process.sigma_min, mean, var))
+    return process, mean, var, denoise, x, reference
+
+
+# ---------------------------------------------------------------------------------------------
+# The ODE is the samplers' ODE.
+
+@pytest.mark.parametrize('name', PROCESSES)
+def test_pf_ode_coefficients_are_the_samplers(name):
+    """sigma, s, a = sigma'/sigma + s'/s and b = sigma' s/sigma equal the generalised sampler's
+    step table at its own times (float64 host; VP's expm1 form differs from exp - 1 by ~1e-10
+    relative at t = 1e-5)."""
+    process = dataclasses.replace(PROCESSES[name], num_steps=12)
+    table = samplers.step_table(process)
+    flow = L.probability_flow(process)
+    sigma, s, a, b = flow.coefficients(table.t_hat, np)
+    for ours, theirs in ((sigma, table.sigma_hat), (s, table.s_hat), (a, table.a_hat), (b, table.b_hat)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-8)
+    assert flow.t_min < flow.t_max
+    assert math.isclose(flow.sigma_and_deriv(np.float64(flow.t_min), np)[0], process.sigma_min, rel_tol=1e-9)
+    assert math.isclose(flow.sigma_and_deriv(np.float64(flow.t_max), np)[0], process.sigma_max, rel_tol=1e-9)
+
+
+def test_prior_std_is_s_sigma_at_t_max():
+    """EDM and VE: sigma_max; VP: s(1) sigma(1) = sqrt(1 - exp(-beta_d/2 - beta_min)) ~ 1."""
+    assert L.probability_flow(PROCESSES['edm']).prior_std == pytest.approx(80.0, rel=1e-12)
+    assert L.probability_flow(PROCESSES['ve']).prior_std == pytest.approx(50.0, rel=1e-12)
+    assert L.probability_flow(PROCESSES['vp']).prior_std == pytest.approx(math.sqrt(-math.expm1(-19.9 / 2 - 0.1)),
+                                                                         rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-likelihood of Gaussian data against the closed form.
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+@pytest.mark.parametrize('name', PROCESSES)
+def test_log_likelihood_of_gaussian_data_is_the_analytic_density(name, dtype):
+    """32-d N(m, diag v) data, v in [0.05, 1]: with the ideal denoiser, exact divergence and the
+    exact marginal at sigma_max as the prior, the ODE's log p equals the closed-form density of
+    the marginal at sigma_min, N(s m, s^2 (v + sigma_min^2)). Tolerances (absolute, log p ~ -30):
+    float64 with rtol = atol = 1e-9: 1e-5 nats; float32 with score-SDE's 1e-5: 3e-3 nats (measured
+    ~1e-3 for EDM, where Delta ~ 200 nats times rtol dominates; ~3e-5 at rtol 1e-7)."""
+    with jax.enable_x64(dtype == 'float64'):
+        process, mean, var, denoise, x, reference = gaussian_setup(name, dtype)
+        solver = L.ODESolver(rtol=1e-9, atol=1e-9) if dtype == 'float64' else L.ODESolver()
+        result = L.log_likelihood(denoise, jnp.asarray(x, dtype), process=process, solver=solver,
+                                  divergence='exact', prior=exact_prior(process, mean, var, dtype))
+        assert result.log_prob.dtype == dtype and bool(result.success.all())
+        error = np.abs(np.asarray(result.log_prob, np.float64) - reference).max()
+        np.testing.assert_allclose(result.log_prob, result.prior_log_prob + result.delta_log_prob, rtol=1e-6)
+    assert error < (1e-5 if dtype == 'float64' else 3e-3), error
+
+
+def test_log_sigma_time_gives_the_same_likelihood():
+    """div f dt is invariant under a change of time: integrating VP in u = log sigma instead of t
+    gives the same log p (float32, default tolerances)."""
+    process, mean, var, denoise, x, reference = gaussian_setup('vp', 'float32')
+    result = L.log_likelihood(denoise, jnp.asarray(x, jnp.float32), process=process,
+                              solver=L.ODESolver(time='log_sigma'), divergence='exact',
+                              prior=exact_prior(process, mean, var, jnp.float32))
+    assert np.abs(np.asarray(result.log_prob, np.float64) - reference).max() < 3e-3
+
+
+def test_default_prior_error_is_the_closed_form_prior_mismatch():
+    """With the default prior N(0, 80^2 I) instead of the exact marginal N(m, v + 80^2) the error is
+    exactly log N(z; 0, 80^2) - log N(z; m, v + 80^2) at the ODE's latent z, to solver accuracy.
+    Here it is up to 0.02 nats (32 dims, |m| ~ 0.3: the mean term sum z m / sigma_max^2 dominates
+    the variance term D v / (2 sigma_max^2) ~ 1e-3): an offset of ~1e-3 bits/dim, which is why the
+    closed-form tests use the exact marginal as the prior."""
+    with jax.enable_x64(True):
+        process, mean, var, denoise, x, reference = gaussian_setup('edm', 'float64')
+        result = L.log_likelihood(denoise, jnp.asarray(x), process=process, divergence='exact',
+                                  solver=L.ODESolver(rtol=1e-9, atol=1e-9))
+        z = np.asarray(result.latents)
+    mismatch = normal_log_density(z, 0.0, 80.0) - normal_log_density(z, *marginal(process, 80.0, mean, var))
+    np.testing.assert_allclose(np.asarray(result.log_prob) - reference, mismatch, atol=1e-5)
+    assert np.abs(mismatch).max() < 0.03
+
+
+def test_fixed_step_solvers_agree_with_the_adaptive_one_on_gaussian_data():
+    """RK4 with 64 steps on EDM's rho-spaced grid (256 evaluations) and the adaptive solver agree
+    with the closed form to 5e-4 and 1e-5 nats (float64; measured 2.2e-4 and ~5e-6)."""
+    with jax.enable_x64(True):
+        process, mean, var, denoise, x, reference = gaussian_setup('edm', 'float64')
+        prior = exact_prior(process, mean, var, jnp.float64)
+        kwargs = dict(process=process, divergence='exact', prior=prior)
+        rk4 = L.log_likelihood(denoise, jnp.asarray(x), solver=L.ODESolver(method='rk4', num_steps=64), **kwargs)
+        rk45 = L.log_likelihood(denoise, jnp.asarray(x), solver=L.ODESolver(rtol=1e-9, atol=1e-9), **kwargs)
+    assert np.all(np.asarray(rk4.nfe) == 256)
+    assert np.abs(np.asarray(rk4.log_prob) - reference).max() < 5e-4
+    assert np.abs(np.asarray(rk45.log_prob) - reference).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergences.
+
+def mlp_denoiser(dtype, label_dim=0, seed=0):
+    """EDM-preconditioned denoiser of a small random tanh MLP: nonlinear, with a non-symmetric
+    Jacobian, conditioned on sigma (and labels)."""
+    rng = np.random.default_rng(seed)
+    params = {'w1': rng.normal(size=(DIM, 48)) / math.sqrt(DIM), 'w2': rng.normal(size=(48, DIM)) / math.sqrt(48),
+              'wn': rng.normal(size=48), 'wl': rng.normal(size=(max(label_dim, 1), 48))}
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+    def net(p, x, noise_labels, class_labels, augment_labels):
+        h = x.reshape(x.shape[0], -1) @ p['w1'] + noise_labels[:, None] * p['wn']
+        if class_labels is not None:
+            h = h + class_labels @ p['wl']
+        return (jnp.tanh(h) @ p['w2']).reshape(x.shape)
+
+    return precond.denoiser_from_fn(net, params, precond.EDMPrecond(), label_dim)
+
+
+def finite_difference_trace(fn, x, eps=1e-6):
+    """tr(d fn/dx) by central differences on every coordinate (float64; `fn` maps a batch)."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    steps = np.eye(x.size) * eps
+    plus = np.asarray(fn(jnp.asarray((x + steps).reshape(-1, *SHAPE)))).reshape(x.size, x.size)
+    minus = np.asarray(fn(jnp.asarray((x - steps).reshape(-1, *SHAPE)))).reshape(x.size, x.size)
+    return np.trace(plus - minus) / (2 * eps)
+
+
+@pytest.mark.parametrize('name', PROCESSES)
+def test_exact_divergence_is_the_jacobian_trace(name):
+    """float64. Gaussian data: f = a x - b D(x/s), D linear with eigenvalues v/(v + sigma^2), so
+    tr(df/dx) = D a - (b/s) sum v/(v + sigma^2) in closed form; a nonlinear MLP denoiser: central
+    finite differences. Both to 1e-7 relative, at three times spread over [t_min, t_max]."""
+    with jax.enable_x64(True):
+        process, mean, var, denoise, x, _ = gaussian_setup(name, 'float64')
+        mlp = mlp_denoiser(jnp.float64)
+        flow = L.probability_flow(process)
+
+        @jax.jit
+        def divergences(t, x):
+            one = lambda denoise: lambda y: L.drift(flow, denoise, t, y[None])[0]
+            return L.divergence_exact(one(denoise), x), L.divergence_exact(one(mlp), x)[1]
+
+        batch_drift = jax.jit(lambda t, x: L.drift(flow, mlp, t, x))
+        times = (0.01, 0.3, 0.9) if name == 'vp' else np.geomspace(flow.t_min, flow.t_max, 5)[1:4]
+        for t in times:
+            sigma, s, a, b = flow.coefficients(np.float64(t), np)
+            (fx, div), div_mlp = divergences(t, jnp.asarray(x[0]))
+            closed_form = DIM * a - b / s * np.sum(var / (var + sigma ** 2))
+            np.testing.assert_allclose(float(div), closed_form, rtol=1e-7)
+            direct = np.asarray(L.drift(flow, denoise, t, jnp.asarray(x[:1]))[0])
+            np.testing.assert_allclose(fx, direct, rtol=0, atol=1e-12 * np.abs(direct).max())
+            fd = finite_difference_trace(functools.partial(batch_drift, t), x[0])
+            np.testing.assert_allclose(float(div_mlp), fd, rtol=1e-7)
+
+
+@pytest.mark.parametrize('probe', L.PROBES)
+def test_hutchinson_estimate_is_unbiased_with_the_predicted_variance(probe):
+    """eps^T A eps over 20,000 probes, A = df/dx of the MLP denoiser's ODE (float64): the mean is
+    within 4 standard errors of tr A, and the variance is the theoretical one, within 10%:
+    2 (|A_s|_F^2 - sum A_ii^2) for Rademacher, 2 |A_s|_F^2 for Gaussian (A_s = (A + A^T)/2)."""
+    num = 20000
+    with jax.enable_x64(True):
+        flow = L.probability_flow(PROCESSES['edm'])
+        mlp = mlp_denoiser(jnp.float64)
+        x = jnp.asarray(data_points(*diag_gaussian())[0])
+
+        @jax.jit
+        def estimates(x, key):
+            fn = lambda y: L.drift(flow, mlp, 0.7, y[None])[0]
+            probes = L.hutchinson_probes(key, SHAPE, num, probe, jnp.float64)
+            single = jax.vmap(lambda e: L.divergence_hutchinson(fn, x, e[None])[1])(probes)
+            return jax.jacfwd(fn)(x), single, L.divergence_hutchinson(fn, x, probes)[1]
+
+        A, single, pooled = estimates(x, jax.random.key(3))
+    A = np.asarray(A).reshape(DIM, DIM)
+    single = np.asarray(single)
+    sym = (A + A.T) / 2
+    variance = 2 * (np.sum(sym ** 2) - (np.sum(np.diag(A) ** 2) if probe == 'rademacher' else 0))
+    trace = np.trace(A)
+    assert abs(single.mean() - trace) < 4 * math.sqrt(variance / num), (single.mean(), trace)
+    assert abs(single.var() / variance - 1) < 0.1, (single.var(), variance)
+    np.testing.assert_allclose(float(pooled), single.mean(), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers.
+
+def linear_ode(seed=0):
+    """y' = A y (8-d, oscillating and decaying modes) and w' = cos(t) w, with exact solutions
+    expm(A t) y0 and w0 exp(sin t): a pytree state, one part of it time-dependent."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    block = np.zeros((8, 8))
+    for i, (decay, freq) in enumerate(((0.1, 2.0), (0.5, 0.3), (1.0, 5.0), (0.05, 0.0))):
+        block[2 * i:2 * i + 2, 2 * i:2 * i + 2] = [[-decay, freq], [-freq, -decay]]
+    A = q @ block @ q.T
+    y0, w0 = rng.normal(size=8), 1.5
+    f = lambda t, y: (jnp.asarray(A) @ y[0], jnp.cos(t) * y[1])
+    exact = lambda t: (scipy.linalg.expm(A * t) @ y0, w0 * math.exp(math.sin(t)))
+    return f, (jnp.asarray(y0), jnp.asarray(w0)), exact
+
+
+def test_adaptive_solver_meets_its_tolerance_on_a_linear_ode():
+    """float64, t in [0, 4]: the global error is within 10 tolerances (atol + rtol |y|) at every
+    tolerance, falls with it, and nfe = 2 + 6 (accepted + rejected) steps."""
+    with jax.enable_x64(True):
+        f, y0, exact = linear_ode()
+        solve = jax.jit(lambda y0, rtol: L.dopri5(f, y0, 0.0, 4.0, rtol=rtol, atol=rtol))
+        errors = []
+        for tol in (1e-4, 1e-6, 1e-8, 1e-10):
+            (y, w), stats = solve(y0, tol)
+            y_ref, w_ref = exact(4.0)
+            error = max(np.abs(np.asarray(y) - y_ref).max() / (tol + tol * np.abs(y_ref).max()),
+                        abs(float(w) - w_ref) / (tol + tol * abs(w_ref)))
+            assert bool(stats.success) and error < 10, (tol, error)
+            assert int(stats.nfe) == 2 + 6 * int(stats.accepted + stats.rejected)
+            errors.append(np.abs(np.asarray(y) - y_ref).max())
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_adaptive_solver_reports_failure_past_max_steps():
+    with jax.enable_x64(True):
+        f, y0, _ = linear_ode()
+        _, stats = jax.jit(lambda y0: L.dopri5(f, y0, 0.0, 4.0, rtol=1e-10, atol=1e-10, max_steps=5))(y0)
+    assert not bool(stats.success) and int(stats.accepted + stats.rejected) == 5
+
+
+@pytest.mark.parametrize('method,order', [('rk4', 4), ('heun', 2)])
+def test_fixed_step_solvers_converge_at_their_order(method, order):
+    """Doubling the steps divides the error by 2^order (within 25%), float64."""
+    with jax.enable_x64(True):
+        f, y0, exact = linear_ode()
+        errors = []
+        for n in (40, 80):
+            (y, w), nfe = jax.jit(lambda y0: L.fixed_step(f, y0, np.linspace(0.0, 4.0, n + 1), method))(y0)
+            assert nfe == (4 if method == 'rk4' else 2) * n
+            errors.append(np.abs(np.asarray(y) - exact(4.0)[0]).max())
+    assert abs(errors[0] / errors[1] / 2 ** order - 1) < 0.25, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# bits/dim.
+
+def test_bpd_offsets():
+    """log2 of the inverse bin width: 127.5 for centred 8-bit bins, 128 (score-SDE's 7 =
+    log2(d inverse_scaler/dx) + 8 with inverse_scaler(x) = (x + 1)/2), 8 for the 17-level digits."""
+    assert L.bpd_offset(256, 'centered') == pytest.approx(math.log2(127.5), abs=1e-15)
+    assert L.bpd_offset(256, 'score_sde') == 7.0
+    assert L.bpd_offset(17, 'centered') == 3.0
+    k = np.array([0, 1, 254, 255])
+    np.testing.assert_allclose(L.dequantize_images(k, np.full(4, 0.5)), k / 127.5 - 1, atol=1e-15)
+    np.testing.assert_allclose(L.dequantize_images(k, np.zeros(4), bins='score_sde'), k / 128 - 1, atol=1e-15)
+
+
+def uint8_gaussian_images(n=4, seed=0):
+    """8-bit images of N(m, diag v) data (v in [0.01, 0.1] in [-1, 1] units), and the Gaussian."""
+    mean, var = diag_gaussian(seed, var_range=(0.01, 0.1), mean_scale=0.3)
+    x = data_points(mean, var, n)
+    return np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8), mean, var
+
+
+@pytest.mark.parametrize('bins', L.BINS)
+def test_bits_per_dim_is_the_change_of_variables(bins):
+    """float64, ideal denoiser, exact divergence and prior. Undequantised: bpd = -log2 p(c_k)/D +
+    log2(1/Delta) at the bin centres c_k, to 1e-6. Dequantised: the mean over 64 draws of u of
+    each image's bpd equals the closed form E_u[-log2 p(c_k + (u - 1/2) Delta)]/D + log2(1/Delta),
+    with E_u (x - m)^2 = (c_k - m)^2 + Delta^2/12, within 4 standard errors."""
+    images, mean, var = uint8_gaussian_images()
+    process = PROCESSES['edm']
+    width = 2 / 255 if bins == 'centered' else 1 / 128
+    centres = (images + (0.0 if bins == 'centered' else 0.5)) * width - 1
+    m, sd = marginal(process, process.sigma_min, mean, var)
+    offset = -math.log2(width)
+    with jax.enable_x64(True):
+        kwargs = dict(process=process, divergence='exact', solver=L.ODESolver(rtol=1e-9, atol=1e-9),
+                      prior=exact_prior(process, mean, var, jnp.float64), bins=bins, dtype=jnp.float64)
+        denoise = GaussianDenoiser.create(jnp.asarray(mean), jnp.diag(jnp.asarray(var.reshape(-1))))
+        if bins == 'centered':
+            at_centres = L.bits_per_dim(denoise, jnp.asarray(images), jax.random.key(0), dequantize=False, **kwargs)
+            expected = -normal_log_density(centres, m, sd) / (DIM * math.log(2)) + offset
+            np.testing.assert_allclose(at_centres.bpd, expected, rtol=1e-6)
+        repeats = 64
+        keys = jax.random.split(jax.random.key(1), repeats * len(images))
+        result = L.bits_per_dim(denoise, jnp.asarray(np.tile(images, (repeats, 1, 1, 1))), keys, **kwargs)
+    bpd = np.asarray(result.bpd).reshape(repeats, len(images))
+    mean_sq = (centres - m) ** 2 + width ** 2 / 12
+    expected = (np.sum(0.5 * mean_sq / sd ** 2 + np.log(sd) + 0.5 * np.log(2 * np.pi), axis=(1, 2, 3))
+                / (DIM * math.log(2)) + offset)
+    stderr = bpd.std(0) / math.sqrt(repeats)
+    assert np.all(np.abs(bpd.mean(0) - expected) < 4 * stderr + 1e-7), (bpd.mean(0), expected, stderr)
+
+
+def test_bits_per_dim_of_an_image_depends_only_on_its_key():
+    """Per-image keys: an image's dequantisation and probes, hence its bpd, do not change when its
+    batch-mates change (Hutchinson with 2 probes, float32, a network denoiser with labels)."""
+    images, _, _ = uint8_gaussian_images(n=3)
+    other, _, _ = uint8_gaussian_images(n=3, seed=7)
+    denoise = mlp_denoiser(jnp.float32, label_dim=3)
+    labels = jnp.eye(3)
+    keys = jax.random.split(jax.random.key(5), 3)
+    kwargs = dict(process=PROCESSES['edm'], num_probes=2)
+    batch = L.bits_per_dim(denoise, jnp.asarray(images), keys, labels=labels, **kwargs)
+    mixed = np.concatenate([other[:1], images[1:2], other[2:]])
+    other_keys = jnp.stack([jax.random.key(8), keys[1], jax.random.key(9)])
+    changed = L.bits_per_dim(denoise, jnp.asarray(mixed), other_keys, labels=labels[::-1], **kwargs)
+    assert bool(batch.success.all()) and np.all(np.isfinite(batch.bpd))
+    np.testing.assert_allclose(changed.bpd[1], batch.bpd[1], rtol=1e-6)
+    assert abs(float(changed.bpd[0]) - float(batch.bpd[0])) > 1e-3
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match='ODESolver.method'):
+        L.ODESolver(method='euler')
+    with pytest.raises(ValueError, match='ODESolver.time'):
+        L.ODESolver(time='sigma')
+    with pytest.raises(ValueError, match='ODESolver.rtol'):
+        L.ODESolver(rtol=0)
+    x = jnp.zeros((1, *SHAPE))
+    denoise = GaussianDenoiser.create(jnp.zeros(SHAPE), jnp.eye(DIM))
+    with pytest.raises(ValueError, match='needs a key'):
+        L.log_likelihood(denoise, x)
+    with pytest.raises(ValueError, match='divergence'):
+        L.log_likelihood(denoise, x, divergence='trace')
+    with pytest.raises(ValueError, match='probe'):
+        L.log_likelihood(denoise, x, jax.random.key(0), probe='uniform')
+    with pytest.raises(ValueError, match='integer images'):
+        L.bits_per_dim(denoise, x, jax.random.key(0))
+    with pytest.raises(ValueError, match='bins'):
+        L.bits_per_dim(denoise, jnp.zeros((1, *SHAPE), jnp.uint8), jax.random.key(0), bins='floor')
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: Hutchinson through the whole ODE, and real digits.
+
+@pytest.mark.slow
+def test_hutchinson_log_likelihood_is_unbiased_through_the_ode():
+    """The mean over 256 Rademacher probe draws of the ODE's log p (MLP denoiser, float64) equals
+    the exact-divergence log p within 4 standard errors."""
+    with jax.enable_x64(True):
+        denoise = mlp_denoiser(jnp.float64)
+        x = jnp.asarray(data_points(*diag_gaussian(), n=1))
+        kwargs = dict(process=PROCESSES['edm'], solver=L.ODESolver(rtol=1e-8, atol=1e-8))
+        exact = float(L.log_likelihood(denoise, x, divergence='exact', **kwargs).log_prob[0])
+        repeats = 256
+        keys = jax.random.split(jax.random.key(0), repeats)
+        estimates = np.asarray(L.log_likelihood(denoise, jnp.tile(x, (repeats, 1, 1, 1)), keys, **kwargs).log_prob)
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / math.sqrt(repeats), (estimates.mean(), exact)
+
+
+def digits_gaussian_fit():
+    """sklearn's digits (0..16, x = k/8 - 1 as jaxdiff's data) and the Gaussian fitted to their
+    dequantised values: the data covariance plus Delta^2/12 I, Delta = 1/8."""
+    from jaxdiff.data import load_embedded
+    x, _ = load_embedded('digits')
+    k = np.round((np.asarray(x, np.float64) + 1) * 8).astype(np.int32)
+    flat = (k / 8 - 1).reshape(len(k), -1)
+    cov = np.cov(flat.T) + (1 / 8) ** 2 / 12 * np.eye(flat.shape[1])
+    return k, flat.mean(0).reshape(x.shape[1:]), cov
+
+
+@pytest.mark.slow
+def test_digits_bits_per_dim_under_a_gaussian_fit():
+    """A sanity figure: 64 digits through the PF-ODE (EDM, Hutchinson, float32, default prior)
+    against the fitted Gaussian's closed-form bpd of the same dequantised points (as a mean over
+    the images, within 0.01 bits/dim)."""
+    k, mean, cov = digits_gaussian_fit()
+    images = k[:64]
+    denoise = GaussianDenoiser.create(jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32))
+    keys = jax.random.split(jax.random.key(0), len(images))
+    result = L.bits_per_dim(denoise, jnp.asarray(images), keys, process=PROCESSES['edm'], num_levels=17)
+    # The same dequantised points, and the density of the marginal at sigma_min, in float64.
+    u = np.stack([np.asarray(jax.random.uniform(jax.random.fold_in(key, 0), images.shape[1:])) for key in keys])
+    x = (images + u - 0.5) / 8 - 1
+    cov_min = cov + 0.002 ** 2 * np.eye(len(cov))
+    diff = (x - mean).reshape(len(x), -1)
+    _, logdet = np.linalg.slogdet(cov_min)
+    log_p = -0.5 * (np.einsum('nd,nd->n', diff, np.linalg.solve(cov_min, diff.T).T) + logdet + len(cov) * np.log(2 * np.pi))
+    expected = -log_p / (len(cov) * math.log(2)) + 3.0
+    assert bool(result.success.all())
+    assert abs(float(np.mean(result.bpd)) - expected.mean()) < 0.01, (np.mean(result.bpd), expected.mean())
