@@ -336,17 +336,9 @@ def inception_features(params, images) -> tuple[jax.Array, jax.Array]:
     """(pool3 [N, 2048], logits [N, 1008]), float32, of float NHWC RGB images in [0, 1].
 
     `params` from `load_inception_params`. Any image size; call it on batches of a fixed size to
-    reuse the compiled network (a new batch size compiles it again, ~10 s on a CPU).
+    reuse the compiled network (each new batch size compiles it again: 15-20 s on a CPU).
     """
     return _network(params, _preprocess(jnp.asarray(images)))
-
-
-def inception_features_uint8(params, images) -> tuple[jax.Array, jax.Array]:
-    """`inception_features` of uint8 NHWC RGB images (0..255, read as x / 255)."""
-    images = jnp.asarray(images)
-    if images.dtype != jnp.uint8:
-        raise TypeError(f'expected uint8 images, got {images.dtype}')
-    return inception_features(params, _uint8_to_unit(images))
 
 
 # torchvision's ToTensor divides by 255 in float32. XLA turns a division by a constant into a
@@ -358,6 +350,14 @@ _UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255)
 @jax.jit
 def _uint8_to_unit(images):
     return jnp.asarray(_UINT8_TO_UNIT)[images]
+
+
+def inception_features_uint8(params, images) -> tuple[jax.Array, jax.Array]:
+    """`inception_features` of uint8 NHWC RGB images (0..255, read as x / 255)."""
+    images = jnp.asarray(images)
+    if images.dtype != jnp.uint8:
+        raise TypeError(f'expected uint8 images, got {images.dtype}')
+    return inception_features(params, _uint8_to_unit(images))
 
 
 # ---------------------------------------------------------------------------------------------

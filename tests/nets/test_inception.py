@@ -125,6 +125,8 @@ def test_uint8_images_are_read_as_x_over_255(monkeypatch):
     want = I._preprocess(jnp.asarray(images.astype(np.float32) / np.float32(255)))  # Exact /.
     assert seen['x'].shape == (2, 299, 299, 3)
     assert np.array_equal(np.asarray(seen['x']), np.asarray(want))
+    every = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(np.asarray(I._uint8_to_unit(every)), every / np.float32(255))
     with pytest.raises(TypeError, match='uint8'):
         I.inception_features_uint8(None, images.astype(np.float32))
     with pytest.raises(TypeError, match='float images'):
@@ -160,6 +162,10 @@ class _StateDictPickler(W._Pickler):
         return None
 
 
+def little_endian(array: np.ndarray) -> bytes:
+    return array.astype(array.dtype.newbyteorder('<')).tobytes()
+
+
 def write_state_dict(path, state_dict: dict, fmt: str) -> None:
     """`torch.save(state_dict, path)` in torch's zip (default) or legacy format, torch-free."""
     tensors = collections.OrderedDict()
@@ -177,7 +183,7 @@ def write_state_dict(path, state_dict: dict, fmt: str) -> None:
                 zf.writestr('archive/data.pkl', pkl.getvalue())
                 zf.writestr('archive/byteorder', 'little')
                 for s in storages:
-                    zf.writestr(f'archive/data/{s.key}', s.array.astype(s.array.dtype.newbyteorder('<')).tobytes())
+                    zf.writestr(f'archive/data/{s.key}', little_endian(s.array))
                 zf.writestr('archive/version', '3\n')
         else:
             sys_info = dict(protocol_version=W.LEGACY_PROTOCOL, little_endian=True,
@@ -188,11 +194,12 @@ def write_state_dict(path, state_dict: dict, fmt: str) -> None:
             pickle.dump([s.key for s in storages], f, protocol=2)
             for s in storages:
                 f.write(int(s.array.size).to_bytes(8, 'little', signed=True))
-                f.write(s.array.astype(s.array.dtype.newbyteorder('<')).tobytes())
+                f.write(little_endian(s.array))
 
 
 def assert_params_equal(a, b):
-    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
     for (path, x), (_, y) in zip(flat_a, flat_b):
         assert np.array_equal(np.asarray(x), np.asarray(y)), path
