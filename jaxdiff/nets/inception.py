@@ -231,7 +231,8 @@ class FIDInceptionC(nn.Module):
     @nn.compact
     def __call__(self, x):
         c7 = self.channels_7x7
-        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        row = dict(kernel_size=(1, 7), padding=(0, 3))
+        col = dict(kernel_size=(7, 1), padding=(3, 0))
         b1 = BasicConv2d(192, name='branch1x1')(x)
         b7 = BasicConv2d(c7, name='branch7x7_1')(x)
         b7 = BasicConv2d(c7, **row, name='branch7x7_2')(b7)
@@ -269,7 +270,8 @@ class FIDInceptionE(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        row, col = dict(kernel_size=(1, 3), padding=(0, 1)), dict(kernel_size=(3, 1), padding=(1, 0))
+        row = dict(kernel_size=(1, 3), padding=(0, 1))
+        col = dict(kernel_size=(3, 1), padding=(1, 0))
         b1 = BasicConv2d(320, name='branch1x1')(x)
         b3 = BasicConv2d(384, name='branch3x3_1')(x)
         b3 = jnp.concatenate([BasicConv2d(384, **row, name='branch3x3_2a')(b3),

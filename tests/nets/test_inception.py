@@ -107,7 +107,8 @@ def test_resize_is_torch_bilinear_align_corners_false(refs, case):
 
 def test_resize_taps_are_half_pixel_without_antialias():
     i0, i1, w0, w1 = I._linear_taps(4, 2)  # Downsampling by 2: centres 0.5 and 2.5.
-    assert i0.tolist() == [0, 2] and i1.tolist() == [1, 3] and w0.tolist() == w1.tolist() == [.5, .5]
+    assert i0.tolist() == [0, 2] and i1.tolist() == [1, 3]
+    assert w0.tolist() == w1.tolist() == [.5, .5]
     i0, i1, w0, w1 = I._linear_taps(2, 4)  # Upsampling: -0.25 clamps to 0; 1.25 reads 1, 1.
     assert i0.tolist() == [0, 0, 0, 1] and i1.tolist() == [1, 1, 1, 1]
     assert w1.tolist() == [0, .25, .75, .25] and (w0 + w1).tolist() == [1, 1, 1, 1]
@@ -288,7 +289,8 @@ def test_npz_conversion_and_cli(tmp_path, capsys):
     want = I.params_from_state_dict(sd)
     assert_params_equal(I.load_inception_params(npz, sha256=digest), want)
     assert_params_equal(I.load_inception_params(npz, sha256=None), want)
-    with pytest.raises(I.InceptionWeightsError, match=f'converted from a file with SHA-256 {digest}'):
+    converted_elsewhere = f'converted from a file with SHA-256 {digest}'
+    with pytest.raises(I.InceptionWeightsError, match=converted_elsewhere):
         I.load_inception_params(npz)
     # An .npz that does not record its source is only loaded unchecked.
     bare = tmp_path / 'bare.npz'
