@@ -295,8 +295,14 @@ def sample(model, u_K, key=None, labels=None, *, process: HeatDissipation, delta
         if key is None:
             raise ValueError('sampling with delta > 0 needs a key or step_noise')
         keys = jax.random.split(key, u_K.shape[0]) if jnp.ndim(key) == 0 else key
-    return _sample(samplers._as_pytree_callable(model), u_K, jnp.asarray(delta, u_K.dtype), keys, labels,
+    return _sample(_as_pytree(model), u_K, jnp.asarray(delta, u_K.dtype), keys, labels,
                    step_noise, process=process, return_trajectory=return_trajectory)
+
+
+def _as_pytree(model):
+    """Models cross the jit boundary as pytrees; a plain function is wrapped (static, by identity)."""
+    leaves = jax.tree_util.tree_leaves(model)
+    return jax.tree_util.Partial(model) if len(leaves) == 1 and leaves[0] is model else model
 
 
 @functools.partial(jax.jit, static_argnames=('process', 'return_trajectory'))

@@ -1,6 +1,7 @@
 """Inverse heat dissipation: the blur against independent heat-equation solutions and against
 AaltoML's code (arrays in tests/data/ihdm, made by make_ihdm_refs.py), the loss, the prior and
 the sampler against hand-written references and closed forms."""
+import functools
 import json
 import pathlib
 
@@ -78,18 +79,18 @@ def test_blur_matches_reference_float32(ref, name, process):
     x, k = nhwc(ref[f'{name}_x']), ref[f'{name}_k']
     out = np.asarray(process.blur(jnp.asarray(x), jnp.asarray(k)))
     assert out.dtype == np.float32
-    np.testing.assert_allclose(out, nhwc(ref[f'{name}_blur_f32']), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(out, nhwc(ref[f'{name}_blur_f32']), atol=1.5e-6, rtol=0)
 
 
 @pytest.mark.parametrize('name, process', [('cifar', CIFAR), ('mnist', MNIST)])
 def test_blur_matches_reference_float64(ref, name, process):
     # The reference builds its frequencies in float32 (torch.linspace), so it is itself only
-    # accurate to ~1e-8 here.
+    # accurate to ~1e-8 here (measured: 6e-9 / 8e-9 from the exact solution, where we are at 5e-15).
     x, k = nhwc(ref[f'{name}_x']).astype(np.float64), ref[f'{name}_k']
     with jax.enable_x64(True):
         out = np.asarray(process.blur(jnp.asarray(x), jnp.asarray(k)))
     assert out.dtype == np.float64
-    np.testing.assert_allclose(out, nhwc(ref[f'{name}_blur_f64']), atol=5e-8, rtol=0)
+    np.testing.assert_allclose(out, nhwc(ref[f'{name}_blur_f64']), atol=2e-8, rtol=0)
 
 
 def test_blur_sweep_over_levels_matches_reference(ref):
@@ -154,8 +155,10 @@ def stand_in_residual(params, u, noise_labels, class_labels=None, augment_labels
     return -0.3 * u + 0.05 * jnp.tanh(4 * u) * scale + 0.01 * u.mean(axis=(1, 2, 3), keepdims=True)
 
 
+@functools.lru_cache(maxsize=None)
 def stand_in_model(K):
-    return ihdm.model_from_fn(lambda *args: stand_in_residual(*args, K=K))
+    # Cached: the sampler compiles per model function, and the tests below share compilations.
+    return ihdm.model_from_fn(functools.partial(stand_in_residual, K=K))
 
 
 def test_loss_matches_reference_with_its_draws(ref):
@@ -163,8 +166,8 @@ def test_loss_matches_reference_with_its_draws(ref):
     loss = ihdm.ihdm_loss(stand_in_model(200), jnp.asarray(nhwc(ref['cifar_x'])), process=process,
                           k=jnp.asarray(ref['loss_k']), noise=jnp.asarray(nhwc(ref['loss_unit_noise'])))
     per_image = np.asarray(loss).sum(axis=(1, 2, 3))
-    np.testing.assert_allclose(per_image, ref['loss_per_image'], rtol=2e-5)
-    np.testing.assert_allclose(per_image.mean(), float(ref['loss_mean']), rtol=2e-5)
+    np.testing.assert_allclose(per_image, ref['loss_per_image'], rtol=2e-6)
+    np.testing.assert_allclose(per_image.mean(), float(ref['loss_mean']), rtol=2e-6)
 
 
 def test_loss_equals_hand_written_computation_float64():
@@ -201,8 +204,8 @@ def test_loss_of_the_identity_model_has_its_closed_form_expectation():
     n, level = 512, 1
     identity = ihdm.model_from_fn(lambda params, u, c, labels=None, aug=None: jnp.zeros_like(u))
     images = jnp.asarray(np.repeat(x, n, 0), jnp.float32)
-    loss = np.asarray(ihdm.ihdm_loss(identity, images, jax.random.key(0), process=process,
-                                     k=jnp.full((n,), level))).sum(axis=(1, 2, 3))
+    loss_fn = jax.jit(lambda key: ihdm.ihdm_loss(identity, images, key, process=process, k=jnp.full((n,), level)))
+    loss = np.asarray(loss_fn(jax.random.key(0))).sum(axis=(1, 2, 3))
     t = process.blur_times()
     gap = np.sum((heat_flow_fft(x, t[level]) - heat_flow_fft(x, t[level - 1])) ** 2)
     expected = gap + sigma ** 2 * 64
@@ -241,11 +244,12 @@ class TinyNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, *, train=False):
-        h = nn.Conv(4, (3, 3))(x) * jnp.cos(noise_labels)[:, None, None, None]
+        # Per-pixel layers: XLA:CPU compiles convolutions (and their gradients) slowly.
+        h = nn.Dense(4)(x) * jnp.cos(noise_labels)[:, None, None, None]
         if self.label_dim:
             h = h + nn.Dense(4)(class_labels)[:, None, None, :]
         h = nn.Dropout(0.5, deterministic=not train)(jnp.tanh(h))
-        return nn.Conv(x.shape[-1] + 1, (3, 3))(h)  # an extra channel, which the model drops
+        return nn.Dense(x.shape[-1] + 1)(h)  # an extra channel, which the model drops
 
 
 def test_make_model_adds_the_first_output_channels_to_its_input_and_trains():
@@ -357,9 +361,9 @@ def test_sampler_matches_reference_with_its_draws(ref):
     u_K = jnp.asarray(nhwc(ref['sampler_init']))
     u_0, trajectory = ihdm.sample(stand_in_model(12), u_K, process=process,
                                   step_noise=jnp.asarray(nhwc(ref['sampler_step_noise'])), return_trajectory=True)
-    np.testing.assert_allclose(np.asarray(u_0), nhwc(ref['sampler_final']), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(u_0), nhwc(ref['sampler_final']), atol=3e-7, rtol=0)
     # The reference saves u_K, ..., u_1 and then the (unused) noisy u_0.
-    np.testing.assert_allclose(np.asarray(trajectory), nhwc(ref['sampler_trajectory'])[:12], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(trajectory), nhwc(ref['sampler_trajectory'])[:12], atol=3e-7, rtol=0)
 
 
 def exact_inverse_step_model(process, shape):
@@ -428,12 +432,19 @@ def test_sampler_noise_variance_has_its_closed_form():
     assert abs(u_0.mean()) < 5 * np.sqrt(expected / u_0.size)
 
 
+# The three tests below share one compiled sampler: K = 5, four 8 x 8 images, with trajectory.
+SMALL = ihdm.HeatDissipation(K=5, blur_sigma_max=3.0, sampling_delta=0.03)
+
+
+def small_run(u_K, key, **kwargs):
+    return ihdm.sample(stand_in_model(5), u_K, key, process=SMALL, return_trajectory=True, **kwargs)
+
+
 def test_scan_sampler_equals_a_python_loop_step_by_step():
-    process = ihdm.HeatDissipation(K=7, blur_sigma_max=3.0, sampling_delta=0.03)
-    model = stand_in_model(7)
-    u_K = jnp.asarray(photo((3, 8, 8, 2), seed=12), jnp.float32)
-    keys = samplers.keys_from_seeds([5, 6, 7])
-    u_0, trajectory = ihdm.sample(model, u_K, keys, process=process, return_trajectory=True)
+    model = stand_in_model(5)
+    u_K = jnp.asarray(photo((4, 8, 8, 1), seed=12), jnp.float32)
+    keys = samplers.keys_from_seeds([5, 6, 7, 8])
+    u_0, trajectory = small_run(u_K, keys)
 
     @jax.jit
     def python_step(u, k, i):  # one step, compiled once (k and i are traced)
@@ -442,31 +453,32 @@ def test_scan_sampler_equals_a_python_loop_step_by_step():
         return mean, mean + 0.03 * noise
 
     u = u_K
-    for i, k in enumerate(range(process.K, 0, -1)):
+    for i, k in enumerate(range(SMALL.K, 0, -1)):
         np.testing.assert_allclose(np.asarray(trajectory[i]), np.asarray(u), atol=1e-6, rtol=0)
         mean, u = python_step(u, k, i)
     np.testing.assert_allclose(np.asarray(u_0), np.asarray(mean), atol=1e-6, rtol=0)
 
 
 def test_a_samples_draws_do_not_depend_on_its_batch():
-    process = ihdm.HeatDissipation(K=5, blur_sigma_max=3.0, sampling_delta=0.05)
-    model = stand_in_model(5)
     u_K = jnp.asarray(photo((4, 8, 8, 1), seed=13), jnp.float32)
     keys = samplers.keys_from_seeds([0, 1, 2, 3])
-    whole = np.asarray(ihdm.sample(model, u_K, keys, process=process))
-    part = np.asarray(ihdm.sample(model, u_K[2:], keys[2:], process=process))
-    np.testing.assert_allclose(part, whole[2:], atol=1e-6)
-    assert not np.allclose(whole[0], whole[1])
+    whole, _ = small_run(u_K, keys)
+    part, _ = small_run(u_K[2:], keys[2:])
+    np.testing.assert_allclose(np.asarray(part), np.asarray(whole)[2:], atol=1e-6)
+    assert not np.allclose(np.asarray(whole)[0], np.asarray(whole)[1])
 
 
 def test_sampler_delta_override_and_missing_key():
-    process = ihdm.HeatDissipation(K=4, blur_sigma_max=2.0, sampling_delta=0.05)
-    model = stand_in_model(4)
-    u_K = jnp.asarray(photo((2, 8, 8, 1), seed=14), jnp.float32)
+    u_K = jnp.asarray(photo((4, 8, 8, 1), seed=14), jnp.float32)
     with pytest.raises(ValueError, match='needs a key'):
-        ihdm.sample(model, u_K, process=process)
-    deterministic = ihdm.sample(model, u_K, process=process, delta=0.0)
-    noisy = ihdm.sample(model, u_K, jax.random.key(0), process=process, delta=0.05)
+        ihdm.sample(stand_in_model(5), u_K, process=SMALL)
+    deterministic, _ = small_run(u_K, None, delta=0.0)
+    noisy, _ = small_run(u_K, jax.random.key(0), delta=0.05)
+    default, _ = small_run(u_K, jax.random.key(0))
     assert not np.allclose(np.asarray(deterministic), np.asarray(noisy))
+    # delta = 0.05 vs the default 0.03, same draws: the deviation from the deterministic run
+    # scales with delta (to first order; the stand-in network is nearly linear).
+    ratio = np.abs(np.asarray(noisy - deterministic)).mean() / np.abs(np.asarray(default - deterministic)).mean()
+    assert abs(ratio - 0.05 / 0.03) < 0.05
     with pytest.raises(ValueError, match='step_noise must have shape'):
-        ihdm.sample(model, u_K, process=process, step_noise=jnp.zeros((3, 2, 8, 8, 1)))
+        ihdm.sample(stand_in_model(5), u_K, process=SMALL, step_noise=jnp.zeros((3, 4, 8, 8, 1)))
