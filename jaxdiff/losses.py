@@ -62,3 +62,18 @@ def ve_loss(denoise, images, key=None, labels=None, augment_labels=None, *, sigm
     rnd_uniform, noise = _draws(key, images, rnd_uniform, noise, jax.random.uniform)
     sigma = sigma_min * (sigma_max / sigma_min) ** rnd_uniform
     return denoising_loss(denoise, images, sigma, noise, 1 / sigma ** 2, labels, augment_labels)
+
+
+def eps_loss(model, images, key=None, labels=None, *, process, t=None, noise=None):
+    """Noise-prediction loss on a process (DDPM; blurring diffusion, Hoogeboom & Salimans 2023, Sec. 4):
+
+        t ~ U(0, 1),  z_t = process.diffuse(x, t, eps),  loss = (model(z_t, t) - eps)^2   (per element)
+
+    `model(z, t, labels)` predicts eps (e.g. `precond.EpsModel`); `process` is a
+    `jaxdiff.processes` process. Bind it for the training step, which calls
+    `loss_fn(model, images, key, labels)`: `functools.partial(eps_loss, process=BlurringProcess())`.
+    `t` ([N] uniforms) and `noise` (unit normal, images' shape) may be passed instead of drawn.
+    """
+    t, noise = _draws(key, images, t, noise, jax.random.uniform)
+    t = t.reshape(-1)
+    return jnp.square(model(process.diffuse(images, t, noise), t, labels) - noise)

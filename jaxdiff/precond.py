@@ -215,3 +215,78 @@ def denoiser_from_fn(fn: Callable, params: Any = None, precond: Precond = EDMPre
     """Denoiser of a plain raw-network function `fn(params, x, noise_labels, class_labels,
     augment_labels)`."""
     return Denoiser(params=params, net=jax.tree_util.Partial(fn), precond=precond, label_dim=label_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise (epsilon) prediction on a process z_t = V(alpha_t V^T x) + sigma_t eps, t in [0, 1]
+# (DDPM; blurring diffusion). Used by `losses.eps_loss` and `jaxdiff.process_samplers`.
+
+class EpsModel(flax.struct.PyTreeNode):
+    """eps_hat = F(z_t; 1000 t): a network that predicts the unit noise of z_t from z_t itself.
+
+    Call as `model(z, t, labels=None)`: z NHWC, t a scalar or [N] in [0, 1]. The network gets z
+    unscaled (a variance-preserving process keeps z_t at unit scale) and the noise label
+    `noise_label_scale * t`, 1000 t by default: the DDPM convention of integer step labels
+    0..T-1 for T = 1000, which the sinusoidal embeddings of DDPM++/ADM are sized for. A
+    conditional network called without labels gets zeros. The result has z's dtype (its first
+    C channels, as for `Denoiser`).
+    """
+    params: Any
+    net: Callable
+    label_dim: int = flax.struct.field(pytree_node=False, default=0)
+    noise_label_scale: float = flax.struct.field(pytree_node=False, default=1000.0)
+
+    def __call__(self, z, t, labels=None):
+        t = jnp.broadcast_to(jnp.asarray(t, z.dtype).reshape(-1), (z.shape[0],))
+        if self.label_dim and labels is None:
+            labels = jnp.zeros((z.shape[0], self.label_dim), z.dtype)
+        F = self.net(self.params, z, self.noise_label_scale * t, labels, None)
+        return F[..., :z.shape[-1]].astype(z.dtype)
+
+
+def make_eps_model(module, params, *, train: bool = False, dropout_key=None) -> EpsModel:
+    """EpsModel of a jaxdiff Flax network (`module(x, noise_labels, class_labels, augment_labels,
+    train=...)`) with `params`."""
+    if train and dropout_key is None:
+        raise ValueError('make_eps_model(train=True) needs a dropout_key')
+    return EpsModel(params=params, net=FlaxNet(module, train, dropout_key), label_dim=getattr(module, 'label_dim', 0))
+
+
+def eps_model_from_fn(fn: Callable, params: Any = None, label_dim: int = 0) -> EpsModel:
+    """EpsModel of a plain raw-network function `fn(params, z, noise_labels, class_labels, augment_labels)`."""
+    return EpsModel(params=params, net=jax.tree_util.Partial(fn), label_dim=label_dim)
+
+
+class DenoiserEpsModel(flax.struct.PyTreeNode):
+    """An EDM-style denoiser D(x; sigma) as an eps model on a process with one scale per image:
+
+        x~ = z / alpha_t,  sigma~ = sigma_t / alpha_t,  eps_hat = (x~ - D(x~; sigma~)) / sigma~.
+
+    (z = alpha x + sigma eps is x~ = x + sigma~ eps, the variance-exploding form D is trained on.)
+    Build it with `eps_model_from_denoiser`.
+    """
+    denoise: Callable
+    process: Any = flax.struct.field(pytree_node=False)
+
+    def __call__(self, z, t, labels=None):
+        scale, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
+        scale = scale[:, :1, :1, :]  # A scalar-scale process may still broadcast it over H, W.
+        x, noise_level = z / scale, sigma / scale
+        return ((x - self.denoise(x, noise_level.reshape(-1), labels)) / noise_level).astype(z.dtype)
+
+
+def eps_model_from_denoiser(denoise: Callable, process) -> DenoiserEpsModel:
+    """`model(z, t, labels=None) -> eps_hat` from `denoise(x, sigma, labels)` (e.g. a `Denoiser`, or an
+    analytic one) on `process`, so EDM-trained denoisers run in `jaxdiff.process_samplers`.
+
+    Only for processes with one scale per image (`process.scalar_scale`): a denoiser trained on a
+    single noise level cannot serve a per-frequency one (blurring). The denoiser is called at
+    sigma~ = exp(-lambda_t / 2), so the process's logSNR range sets the noise levels it must
+    support (see `GaussianProcess`).
+    """
+    if not getattr(process, 'scalar_scale', False):
+        raise ValueError(f'eps_model_from_denoiser needs a process with one scale per image, got {process}')
+    leaves = jax.tree_util.tree_leaves(denoise)
+    if len(leaves) == 1 and leaves[0] is denoise:  # a plain function: make it a (static) pytree
+        denoise = jax.tree_util.Partial(denoise)
+    return DenoiserEpsModel(denoise=denoise, process=process)

@@ -181,3 +181,92 @@ def vp_scale(sigma):
 def vp_scale_deriv(sigma, sigma_deriv):
     """s'(t) = -sigma(t) sigma'(t) s(t)^3."""
     return -sigma * sigma_deriv * vp_scale(sigma) ** 3
+
+
+# ---------------------------------------------------------------------------------------------
+# logSNR form (simple diffusion; blurring diffusion, Hoogeboom & Salimans 2023, Sec. 4):
+# alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda), so alpha^2 + sigma^2 = 1 and
+# lambda = log(alpha^2 / sigma^2).
+
+def _logsnr_cosine_limits(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
+    """(t0, t1) = (atan(exp(-lambda_max / 2)), atan(exp(-lambda_min / 2))), in float64."""
+    if not logsnr_min < logsnr_max:
+        raise ValueError(f'logsnr_min must be below logsnr_max, got {logsnr_min} >= {logsnr_max}')
+    return float(np.arctan(np.exp(-0.5 * logsnr_max))), float(np.arctan(np.exp(-0.5 * logsnr_min)))
+
+
+def logsnr_cosine(t, logsnr_min: float = -10.0, logsnr_max: float = 10.0):
+    """Cosine logSNR clipped to [logsnr_min, logsnr_max]:
+
+        lambda(t) = -2 log tan(t0 + t (t1 - t0)),  t0 = atan(exp(-lambda_max/2)), t1 = atan(exp(-lambda_min/2)),
+
+    so lambda(0) = logsnr_max and lambda(1) = logsnr_min; without the clipping (t0 = 0, t1 = pi/2)
+    it is the cosine schedule alpha = cos(pi t / 2), sigma = sin(pi t / 2).
+    """
+    xp = _np(t)
+    t0, t1 = _logsnr_cosine_limits(logsnr_min, logsnr_max)
+    return -2 * xp.log(xp.tan(t0 + t * (t1 - t0)))
+
+
+def logsnr_cosine_inv(logsnr, logsnr_min: float = -10.0, logsnr_max: float = 10.0):
+    """t(lambda) = (atan(exp(-lambda/2)) - t0) / (t1 - t0), the inverse of `logsnr_cosine`."""
+    xp = _np(logsnr)
+    t0, t1 = _logsnr_cosine_limits(logsnr_min, logsnr_max)
+    return (xp.arctan(xp.exp(-0.5 * logsnr)) - t0) / (t1 - t0)
+
+
+def alpha_sigma_from_logsnr(logsnr):
+    """(alpha, sigma) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda))).
+
+    Written as alpha = exp(-softplus(-lambda)/2) and sigma = exp(-softplus(lambda)/2) with
+    softplus(x) = logaddexp(0, x): neither overflows nor rounds the small one to 0 or the large
+    one past 1 for large |lambda| (1 - sigmoid(-lambda) would lose the small one entirely).
+    """
+    xp = _np(logsnr)
+    return xp.exp(-0.5 * xp.logaddexp(0.0, -logsnr)), xp.exp(-0.5 * xp.logaddexp(0.0, logsnr))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blurring (heat dissipation) in the DCT basis (Hoogeboom & Salimans 2023, Sec. 3-4; Rissanen et al.
+# 2022): frequency (i, j) of the orthonormal DCT is damped by d_t = (1 - d_min) exp(-lambda_ij tau_t) + d_min.
+
+def blur_sigma(t, sigma_blur_max: float):
+    """sigma_blur(t) = sigma_blur_max sin^2(pi t / 2): the width of the Gaussian blur at time t."""
+    return sigma_blur_max * _np(t).sin(0.5 * np.pi * t) ** 2
+
+
+def dct_frequencies(h: int, w: int, dtype=np.float64) -> np.ndarray:
+    """lambda_ij = (pi i / H)^2 + (pi j / W)^2, [H, W]: the eigenvalues of the (Neumann) Laplacian
+    for the DCT basis function (i, j), i.e. its decay rate under the heat equation."""
+    i = np.pi * np.arange(h, dtype=np.float64) / h
+    j = np.pi * np.arange(w, dtype=np.float64) / w
+    return (i[:, None] ** 2 + j[None, :] ** 2).astype(dtype)
+
+
+def blur_dissipation(t, frequencies, sigma_blur_max: float, min_scale: float = 0.001):
+    """d_t = (1 - d_min) exp(-lambda tau_t) + d_min with tau_t = sigma_blur(t)^2 / 2 (d_min = min_scale).
+
+    `t` and `frequencies` broadcast against each other (e.g. t [N, 1, 1, 1], lambda [H, W, 1]).
+    Where e = exp(-lambda tau) > 1/2 it is evaluated as 1 - (1 - d_min)(-expm1(-lambda tau)): the
+    same number, but exactly 1 wherever lambda tau = 0 (the DC frequency, t = 0, and every frequency
+    when sigma_blur_max = 0) whatever the dtype and d_min -- which makes an unblurred process equal
+    standard Gaussian diffusion bit for bit -- and accurate where d is close to 1. Elsewhere the
+    direct sum, which keeps its relative accuracy down at the floor d_min (1 - (1 - d_min)(1 - e)
+    would cancel there: 1 - float32(0.999) is 1.3e-5 off 0.001 in relative terms).
+    """
+    xp = _np(t) if _np(frequencies) is np else jnp
+    x = frequencies * (0.5 * blur_sigma(t, sigma_blur_max) ** 2)
+    e = xp.exp(-x)
+    return xp.where(e > 0.5, 1 - (1 - min_scale) * -xp.expm1(-x), min_scale + (1 - min_scale) * e)
+
+
+def blur_log_dissipation(t, frequencies, sigma_blur_max: float, min_scale: float = 0.001):
+    """log d_t, accurate both near d_t = 1 (log1p of the expm1 form) and near the floor d_min.
+
+    Blurring adds 2 log d_t to the logSNR of each frequency, and the samplers take differences of
+    such logSNRs at nearby times; this is exactly 0 where lambda tau = 0, like `blur_dissipation`.
+    """
+    xp = _np(t) if _np(frequencies) is np else jnp
+    x = frequencies * (0.5 * blur_sigma(t, sigma_blur_max) ** 2)
+    e = xp.exp(-x)
+    return xp.where(e > 0.5, xp.log1p(-(1 - min_scale) * -xp.expm1(-x)), xp.log(min_scale + (1 - min_scale) * e))

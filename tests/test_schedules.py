@@ -103,3 +103,87 @@ def test_schedule_functions_jit():
         np.testing.assert_allclose(jax.jit(fn)(t), fn(np.asarray(t, np.float64)), rtol=1e-5)
     rounded, _ = jax.jit(schedules.round_to_table)(t, jnp.array([1.0, 0.5, 0.0]))
     np.testing.assert_allclose(rounded, [0.0, 0.5, 0.5, 1.0, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# logSNR form and the blurring schedule (Hoogeboom & Salimans 2023).
+
+def test_logsnr_cosine_hits_its_clipping_range_and_inverts():
+    t = np.linspace(0, 1, 11)
+    logsnr = schedules.logsnr_cosine(t, -10.0, 10.0)
+    assert logsnr[0] == pytest.approx(10.0, abs=1e-12) and logsnr[-1] == pytest.approx(-10.0, abs=1e-12)
+    assert np.all(np.diff(logsnr) < 0)
+    np.testing.assert_allclose(schedules.logsnr_cosine_inv(logsnr, -10.0, 10.0), t, atol=1e-14)
+    with pytest.raises(ValueError, match='logsnr_min'):
+        schedules.logsnr_cosine(t, 5.0, -5.0)
+
+
+def test_logsnr_cosine_without_clipping_is_the_cosine_schedule():
+    """With a wide range t0 -> 0, t1 -> pi/2, so alpha = cos(pi t / 2), sigma = sin(pi t / 2)."""
+    t = np.linspace(0.05, 0.95, 7)
+    alpha, sigma = schedules.alpha_sigma_from_logsnr(schedules.logsnr_cosine(t, -80.0, 80.0))
+    np.testing.assert_allclose(alpha, np.cos(0.5 * np.pi * t), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.sin(0.5 * np.pi * t), rtol=1e-12)
+
+
+def test_alpha_sigma_from_logsnr_variance_preserving_and_accurate_at_extremes():
+    logsnr = np.array([-30.0, -3.0, 0.0, 2.5, 30.0])
+    alpha, sigma = schedules.alpha_sigma_from_logsnr(logsnr)
+    np.testing.assert_allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=1e-15)
+    np.testing.assert_allclose(np.log(alpha ** 2 / sigma ** 2), logsnr, rtol=1e-13, atol=1e-13)
+    # float32 at |lambda| = 80: the small one is exp(-40), not 0 (sqrt(1 - sigmoid(80)) would be 0).
+    alpha32, sigma32 = schedules.alpha_sigma_from_logsnr(jnp.array([-80.0, 80.0], jnp.float32))
+    np.testing.assert_allclose(np.asarray(alpha32), [np.exp(-40.0), 1.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sigma32), [1.0, np.exp(-40.0)], rtol=1e-6)
+
+
+def test_blur_sigma_is_sin_squared():
+    t = np.array([0.0, 0.5, 1.0])
+    np.testing.assert_allclose(schedules.blur_sigma(t, 20.0), [0.0, 10.0, 20.0], atol=1e-13)
+
+
+def test_dct_frequencies_are_laplacian_eigenvalues_of_the_dct_basis():
+    """Row k of the DCT-II matrix is an eigenvector of the 1-D Neumann second difference with
+    eigenvalue 4 sin^2(pi k / 2N), which is (pi k / N)^2 to leading order: the continuum eigenvalue
+    the paper uses. Also the (i, j) layout: i runs over H, j over W."""
+    from jaxdiff import dct
+    n = 64
+    lap = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    lap[0, 0] = lap[-1, -1] = 1  # reflecting (Neumann) ends
+    c = dct.dct_matrix(n, np.float64)
+    discrete = np.array([c[k] @ lap @ c[k] for k in range(n)])
+    np.testing.assert_allclose(lap @ c.T, c.T * discrete, atol=1e-12)
+    x = np.pi * np.arange(1, 8) / n  # 4 sin^2(x/2) = x^2 (1 - x^2/12 + ...)
+    assert np.all(np.abs(discrete[1:8] / x ** 2 - 1) <= x ** 2 / 12 + 1e-12)
+    freqs = schedules.dct_frequencies(4, 6)
+    assert freqs.shape == (4, 6)
+    assert freqs[3, 5] == pytest.approx((np.pi * 3 / 4) ** 2 + (np.pi * 5 / 6) ** 2)
+
+
+def test_blur_dissipation_matches_the_paper_formula():
+    t = np.linspace(0, 1, 9)[:, None, None]
+    freqs = schedules.dct_frequencies(8, 8)
+    tau = 0.5 * (20.0 * np.sin(0.5 * np.pi * t) ** 2) ** 2
+    direct = (1 - 0.001) * np.exp(-freqs * tau) + 0.001
+    d = schedules.blur_dissipation(t, freqs, 20.0, 0.001)
+    np.testing.assert_allclose(d, direct, rtol=1e-14)
+    np.testing.assert_allclose(schedules.blur_log_dissipation(t, freqs, 20.0, 0.001), np.log(direct),
+                               rtol=1e-13, atol=1e-16)
+    # float32: relative accuracy everywhere, including the floor d_min.
+    d32 = np.asarray(schedules.blur_dissipation(jnp.asarray(t, jnp.float32), jnp.asarray(freqs, jnp.float32), 20.0))
+    np.testing.assert_allclose(d32, direct, rtol=2e-6)
+    log32 = schedules.blur_log_dissipation(jnp.asarray(t, jnp.float32), jnp.asarray(freqs, jnp.float32), 20.0)
+    np.testing.assert_allclose(np.asarray(log32), np.log(direct), atol=2e-6)
+
+
+def test_blur_dissipation_is_exactly_one_without_blur_and_at_dc():
+    """d = 1 exactly (not 0.999 + 0.001 rounded) for sigma_blur_max = 0, at t = 0 and for the DC
+    frequency, in float32 and for a d_min whose complement is not representable."""
+    freqs = jnp.asarray(schedules.dct_frequencies(8, 8), jnp.float32)
+    t = jnp.linspace(0, 1, 5, dtype=jnp.float32)[:, None, None]
+    for min_scale in (0.001, 0.3, 1e-7):
+        assert np.all(np.asarray(schedules.blur_dissipation(t, freqs, 0.0, min_scale)) == 1.0)
+        assert np.all(np.asarray(schedules.blur_log_dissipation(t, freqs, 0.0, min_scale)) == 0.0)
+        d = np.asarray(schedules.blur_dissipation(t, freqs, 20.0, min_scale))
+        assert np.all(d[:, 0, 0] == 1.0) and np.all(d[0] == 1.0)
+        assert d.min() >= np.float32(min_scale) * (1 - 1e-6)

@@ -1,0 +1,168 @@
+"""Forward processes against the paper's formulas written out independently here (numpy float64):
+marginal moments by Monte Carlo in the DCT basis, the posterior against brute-force Gaussian
+conditioning, and BlurringProcess(sigma_blur_max=0) == GaussianProcess bit for bit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.fft
+
+from jaxdiff import dct, process_samplers, processes
+
+H, W, C = 4, 4, 2
+
+
+def paper_alpha_sigma(t, h, w, sigma_blur_max, min_scale=0.001, logsnr_min=-10.0, logsnr_max=10.0):
+    """(alpha [H, W], sigma) at scalar t from the paper's definitions, float64 numpy."""
+    t0, t1 = np.arctan(np.exp(-logsnr_max / 2)), np.arctan(np.exp(-logsnr_min / 2))
+    logsnr = -2 * np.log(np.tan(t0 + t * (t1 - t0)))
+    a, sigma = np.sqrt(1 / (1 + np.exp(-logsnr))), np.sqrt(1 / (1 + np.exp(logsnr)))
+    freqs = (np.pi * np.arange(h)[:, None] / h) ** 2 + (np.pi * np.arange(w)[None, :] / w) ** 2
+    sigma_blur = sigma_blur_max * np.sin(t * np.pi / 2) ** 2
+    d = (1 - min_scale) * np.exp(-freqs * sigma_blur ** 2 / 2) + min_scale
+    return a * d, sigma
+
+
+def dct_np(x):
+    return scipy.fft.dctn(np.asarray(x, np.float64), type=2, axes=(-3, -2), norm='ortho')
+
+
+@pytest.mark.parametrize('process', [processes.GaussianProcess(), processes.BlurringProcess(sigma_blur_max=3.0)],
+                         ids=['gaussian', 'blurring'])
+def test_scale_sigma_matches_paper_formula(process):
+    with jax.enable_x64(True):
+        t = jnp.array([0.0, 0.05, 0.3, 0.7, 1.0])
+        scale, sigma = process.scale_sigma(t, (5, 8, 6, 1), jnp.float64)
+        blur = getattr(process, 'sigma_blur_max', 0.0)
+        for i, ti in enumerate(np.asarray(t)):
+            alpha_ref, sigma_ref = paper_alpha_sigma(ti, 8, 6, blur)
+            np.testing.assert_allclose(np.broadcast_to(scale[i, ..., 0], (8, 6)), alpha_ref, rtol=1e-12)
+            np.testing.assert_allclose(sigma[i, 0, 0, 0], sigma_ref, rtol=1e-12)
+            logsnr = process.logsnr(ti, (1, 8, 6, 1), jnp.float64)
+            np.testing.assert_allclose(np.broadcast_to(logsnr[0, ..., 0], (8, 6)),
+                                       np.log(alpha_ref ** 2 / sigma_ref ** 2), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize('t', [0.1, 0.45, 0.8])
+@pytest.mark.parametrize('process', [processes.GaussianProcess(), processes.BlurringProcess(sigma_blur_max=3.0)],
+                         ids=['gaussian', 'blurring'])
+def test_monte_carlo_moments_in_dct_basis(process, t):
+    """u = DCT(z_t) for a fixed x over M noise draws: mean alpha_t * DCT(x), covariance sigma_t^2 I.
+    Bounds are 5 standard errors: sigma/sqrt(M) for the mean, sigma^2 sqrt(2/M) for variances and
+    sigma^2/sqrt(M) for covariances (D = 32 coefficients, so ~1e-4 chance of a false failure overall)."""
+    m = 20000
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (1, H, W, C), jnp.float64)
+        noise = jax.random.normal(jax.random.key(1), (m, H, W, C), jnp.float64)
+        z = process.diffuse(jnp.broadcast_to(x, (m, H, W, C)), t, noise)
+        u = dct_np(z).reshape(m, -1)
+    alpha, sigma = paper_alpha_sigma(t, H, W, getattr(process, 'sigma_blur_max', 0.0))
+    expected_mean = (alpha[..., None] * dct_np(x)[0]).reshape(-1)
+    assert np.all(np.abs(u.mean(0) - expected_mean) <= 5 * sigma / np.sqrt(m))
+    cov = np.cov(u, rowvar=False)
+    diag, off = np.diag(cov), cov[~np.eye(cov.shape[0], dtype=bool)]
+    assert np.all(np.abs(diag - sigma ** 2) <= 5 * sigma ** 2 * np.sqrt(2 / m))
+    assert np.all(np.abs(off) <= 5 * sigma ** 2 / np.sqrt(m))
+
+
+@pytest.mark.parametrize('s, t', [(0.3, 0.5), (0.05, 0.1), (0.7, 0.99), (0.499, 0.5), (0.0, 0.01)])
+@pytest.mark.parametrize('process', [processes.GaussianProcess(), processes.BlurringProcess(sigma_blur_max=3.0)],
+                         ids=['gaussian', 'blurring'])
+def test_posterior_matches_brute_force_conditioning(process, s, t):
+    """Per coefficient, (z_s, z_t) | x is jointly Gaussian: z_s = alpha_s x + sigma_s e1,
+    z_t = alpha_ts z_s + sigma_ts e2. Condition on z_t with the Schur complement (float64)."""
+    blur = getattr(process, 'sigma_blur_max', 0.0)
+    (alpha_s, sigma_s), (alpha_t, sigma_t) = paper_alpha_sigma(s, H, W, blur), paper_alpha_sigma(t, H, W, blur)
+    rng = np.random.default_rng(3)
+    x, z_t = rng.normal(size=(2, H, W, C)), rng.normal(size=(2, H, W, C))
+    u_x, u_t = dct_np(x), dct_np(z_t)
+    ref_mean, ref_var = np.zeros_like(u_x), np.zeros((H, W))
+    for i in range(H):
+        for j in range(W):
+            a_s, a_t = alpha_s[i, j], alpha_t[i, j]
+            a_ts = a_t / a_s
+            var_ts = sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2
+            assert var_ts > 0
+            cov = np.array([[sigma_s ** 2, a_ts * sigma_s ** 2],
+                            [a_ts * sigma_s ** 2, a_ts ** 2 * sigma_s ** 2 + var_ts]])
+            gain = cov[0, 1] / cov[1, 1]
+            ref_mean[:, i, j] = a_s * u_x[:, i, j] + gain * (u_t[:, i, j] - a_t * u_x[:, i, j])
+            ref_var[i, j] = cov[0, 0] - gain * cov[1, 0]
+    with jax.enable_x64(True):
+        z_t_j, x_j = jnp.asarray(z_t), jnp.asarray(x)
+        scale_t, sig_t = process.scale_sigma(t, z_t.shape, jnp.float64)
+        eps = (z_t_j - process.from_basis(scale_t * process.to_basis(x_j))) / sig_t  # the eps that x implies
+        for mean, std in (process.posterior(z_t_j, eps, s, t), process.posterior_from_x0(z_t_j, x_j, s, t)):
+            mean = np.asarray(process.from_basis(mean))
+            np.testing.assert_allclose(dct_np(mean), ref_mean, rtol=1e-9, atol=1e-10)
+            np.testing.assert_allclose(np.broadcast_to(np.asarray(std)[0, ..., 0] ** 2, (H, W)), ref_var,
+                                       rtol=1e-9, atol=1e-15)
+
+
+def test_posterior_at_equal_times_is_the_identity():
+    process = processes.BlurringProcess()
+    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    mean, std = jax.jit(process.posterior)(z, jnp.ones_like(z), 0.4, 0.4)
+    np.testing.assert_allclose(process.from_basis(mean), z, atol=1e-5)
+    assert np.all(np.asarray(std) == 0)
+
+
+def test_blurring_without_blur_is_gaussian_bit_for_bit():
+    gauss, blur0 = processes.GaussianProcess(), processes.BlurringProcess(sigma_blur_max=0.0)
+    shape = (6, 8, 8, 2)
+    keys = jax.random.split(jax.random.key(5), 3)
+    x, noise, eps = (jax.random.normal(k, shape) for k in keys)
+    t = jnp.array([0.0, 0.01, 0.3, 0.5, 0.9, 1.0])
+
+    def same(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        return np.array_equal(np.broadcast_to(a, np.broadcast_shapes(a.shape, b.shape)),
+                              np.broadcast_to(b, np.broadcast_shapes(a.shape, b.shape)))
+
+    for g, b in zip(gauss.scale_sigma(t, shape), blur0.scale_sigma(t, shape)):
+        assert same(g, b)
+    assert same(gauss.logsnr(t, shape), blur0.logsnr(t, shape))
+    assert jnp.array_equal(gauss.diffuse(x, t, noise), blur0.diffuse(x, t, noise))
+    assert jnp.array_equal(jax.jit(gauss.diffuse)(x, t, noise), jax.jit(blur0.diffuse)(x, t, noise))
+    z = gauss.diffuse(x, t, noise)
+    for g, b in zip(gauss.posterior(z, eps, 0.29, 0.3), blur0.posterior(z, eps, 0.29, 0.3)):
+        assert same(g, b)
+    for g, b in zip(gauss.posterior_from_x0(z, x, 0.1, 0.7), blur0.posterior_from_x0(z, x, 0.1, 0.7)):
+        assert same(g, b)
+
+    # Whole sampler runs, with a model that mixes pixels so any basis mismatch would show.
+    def model(z, t, labels=None):
+        return jnp.tanh(dct.dct2(z) * 0.7) + 0.1 * jnp.roll(z, 1, axis=1)
+
+    z1 = process_samplers.prior(gauss, jax.random.key(7), shape)
+    assert jnp.array_equal(z1, process_samplers.prior(blur0, jax.random.key(7), shape))
+    key = jax.random.key(8)
+    assert jnp.array_equal(process_samplers.ancestral_sample(model, gauss, z1, key, num_steps=12),
+                           process_samplers.ancestral_sample(model, blur0, z1, key, num_steps=12))
+    for solver in ('heun', 'exp_heun'):
+        assert jnp.array_equal(process_samplers.ode_sample(model, gauss, z1, num_steps=6, solver=solver),
+                               process_samplers.ode_sample(model, blur0, z1, num_steps=6, solver=solver)), solver
+
+
+def test_blurring_blurs_high_frequencies_first():
+    """alpha_t / a_t = d_t decreases with frequency at fixed t and with t at fixed frequency; the DC
+    coefficient is never blurred; high frequencies reach the floor d_min."""
+    process = processes.BlurringProcess(sigma_blur_max=20.0)
+    with jax.enable_x64(True):
+        d = np.asarray(process.dissipation(jnp.array([0.1, 0.5, 1.0]), (3, 16, 16, 1), jnp.float64))[..., 0]
+    assert np.all(d[:, 0, 0] == 1.0)
+    assert np.all(np.diff(d[:, 0, :], axis=1) <= 0) and np.all(np.diff(d[:, :, 0], axis=1) <= 0)
+    assert np.all(np.diff(d, axis=0) <= 0)
+    assert d[-1, -1, -1] == pytest.approx(0.001, rel=1e-9)
+
+
+def test_processes_are_hashable_static_arguments_and_validate():
+    assert hash(processes.BlurringProcess()) == hash(processes.BlurringProcess())
+    f = jax.jit(lambda x, process: process.diffuse(x, 0.5, x), static_argnums=1)
+    np.testing.assert_allclose(f(jnp.ones((1, 4, 4, 1)), processes.BlurringProcess()).shape, (1, 4, 4, 1))
+    with pytest.raises(ValueError, match='sigma_blur_max'):
+        processes.BlurringProcess(sigma_blur_max=-1.0)
+    with pytest.raises(ValueError, match='min_scale'):
+        processes.BlurringProcess(min_scale=0.0)
+    with pytest.raises(ValueError, match='logsnr_min'):
+        processes.GaussianProcess(logsnr_min=3.0, logsnr_max=1.0)
