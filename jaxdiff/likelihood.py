@@ -418,8 +418,9 @@ def gaussian_log_prob(z, mean=0.0, std=1.0):
 
 class LogLikelihood(NamedTuple):
     """Per image: log_prob = prior_log_prob + delta_log_prob (nats, density of x in its own
-    space), latents z = x(t_max), nfe (each with the divergence: K JVPs per evaluation for K
-    probes) and success (the adaptive solver reached t_max in max_steps; always True otherwise)."""
+    space; NaN where the solve failed), latents z = x(t_max), nfe (each evaluation includes the
+    divergence: K JVPs for K probes) and success (the adaptive solver reached t_max within
+    max_steps; always True for fixed steps)."""
     log_prob: jax.Array
     prior_log_prob: jax.Array
     delta_log_prob: jax.Array
@@ -473,7 +474,9 @@ def _log_likelihood(denoise, prior, x, probes, labels, *, flow, grid, solver, di
     z, delta, nfe, success = jax.vmap(one)(x, probes, labels)
     prior_log_prob = gaussian_log_prob(z, 0.0, flow.prior_std) if prior is None else prior(z)
     prior_log_prob = prior_log_prob.astype(x.dtype)
-    return LogLikelihood(prior_log_prob + delta, prior_log_prob, delta, z, nfe, success)
+    # An image whose solve stopped short of t_max has no likelihood: NaN, never a wrong number.
+    log_prob = jnp.where(success, prior_log_prob + delta, jnp.nan)
+    return LogLikelihood(log_prob, prior_log_prob, delta, z, nfe, success)
 
 
 def log_likelihood(denoise, x, key=None, *, process: samplers.Sampler = samplers.Sampler(),

@@ -276,6 +276,13 @@ def test_adaptive_solver_reports_failure_past_max_steps():
     assert not bool(stats.success) and int(stats.accepted + stats.rejected) == 5
 
 
+def test_log_likelihood_is_nan_where_the_solve_failed():
+    process, mean, var, denoise, x, _ = gaussian_setup('edm', 'float32')
+    result = L.log_likelihood(denoise, jnp.asarray(x, jnp.float32), process=process, divergence='exact',
+                              solver=L.ODESolver(max_steps=3))
+    assert not np.any(np.asarray(result.success)) and np.all(np.isnan(np.asarray(result.log_prob)))
+
+
 @pytest.mark.parametrize('method,order', [('rk4', 4), ('heun', 2)])
 def test_fixed_step_solvers_converge_at_their_order(method, order):
     """Doubling the steps divides the error by 2^order (within 25%), float64."""
@@ -312,44 +319,41 @@ def uint8_gaussian_images(n=4, seed=0):
 
 @pytest.mark.parametrize('bins', L.BINS)
 def test_bits_per_dim_is_the_change_of_variables(bins):
-    """float64, ideal denoiser, exact divergence and prior. Undequantised: bpd = -log2 p(c_k)/D +
-    log2(1/Delta) at the bin centres c_k, to 1e-6. Dequantised: the mean over 64 draws of u of
-    each image's bpd equals the closed form E_u[-log2 p(c_k + (u - 1/2) Delta)]/D + log2(1/Delta),
-    with E_u (x - m)^2 = (c_k - m)^2 + Delta^2/12, within 4 standard errors."""
+    """float64, ideal denoiser, exact divergence and prior: the mean over 32 draws of u of each
+    image's bpd equals the closed form E_u[-log2 p(c_k + (u - 1/2) Delta)]/D + log2(1/Delta), with
+    E_u (x - m)^2 = (c_k - m)^2 + Delta^2/12 and p the marginal at sigma_min, within 4 standard
+    errors (~1e-3 bits/dim). Centred bins: c_k = k/127.5 - 1, Delta = 1/127.5; score-SDE's:
+    c_k = (k + 1/2)/128 - 1, Delta = 1/128."""
     images, mean, var = uint8_gaussian_images()
     process = PROCESSES['edm']
     width = 2 / 255 if bins == 'centered' else 1 / 128
     centres = (images + (0.0 if bins == 'centered' else 0.5)) * width - 1
     m, sd = marginal(process, process.sigma_min, mean, var)
-    offset = -math.log2(width)
+    repeats = 32
     with jax.enable_x64(True):
-        kwargs = dict(process=process, divergence='exact', solver=L.ODESolver(rtol=1e-9, atol=1e-9),
-                      prior=exact_prior(process, mean, var, jnp.float64), bins=bins, dtype=jnp.float64)
         denoise = GaussianDenoiser.create(jnp.asarray(mean), jnp.diag(jnp.asarray(var.reshape(-1))))
-        if bins == 'centered':
-            at_centres = L.bits_per_dim(denoise, jnp.asarray(images), jax.random.key(0), dequantize=False, **kwargs)
-            expected = -normal_log_density(centres, m, sd) / (DIM * math.log(2)) + offset
-            np.testing.assert_allclose(at_centres.bpd, expected, rtol=1e-6)
-        repeats = 64
         keys = jax.random.split(jax.random.key(1), repeats * len(images))
-        result = L.bits_per_dim(denoise, jnp.asarray(np.tile(images, (repeats, 1, 1, 1))), keys, **kwargs)
+        result = L.bits_per_dim(denoise, jnp.asarray(np.tile(images, (repeats, 1, 1, 1))), keys, process=process,
+                                divergence='exact', solver=L.ODESolver(rtol=1e-6, atol=1e-6),
+                                prior=exact_prior(process, mean, var, jnp.float64), bins=bins, dtype=jnp.float64)
+    assert bool(result.success.all())
     bpd = np.asarray(result.bpd).reshape(repeats, len(images))
     mean_sq = (centres - m) ** 2 + width ** 2 / 12
     expected = (np.sum(0.5 * mean_sq / sd ** 2 + np.log(sd) + 0.5 * np.log(2 * np.pi), axis=(1, 2, 3))
-                / (DIM * math.log(2)) + offset)
+                / (DIM * math.log(2)) - math.log2(width))
     stderr = bpd.std(0) / math.sqrt(repeats)
-    assert np.all(np.abs(bpd.mean(0) - expected) < 4 * stderr + 1e-7), (bpd.mean(0), expected, stderr)
+    assert np.all(np.abs(bpd.mean(0) - expected) < 4 * stderr), (bpd.mean(0), expected, stderr)
 
 
 def test_bits_per_dim_of_an_image_depends_only_on_its_key():
-    """Per-image keys: an image's dequantisation and probes, hence its bpd, do not change when its
-    batch-mates change (Hutchinson with 2 probes, float32, a network denoiser with labels)."""
+    """Per-image keys: an image's probes, hence its bpd, do not change when its batch-mates change
+    (Hutchinson with 2 probes, bin centres, float32, a network denoiser with labels)."""
     images, _, _ = uint8_gaussian_images(n=3)
     other, _, _ = uint8_gaussian_images(n=3, seed=7)
     denoise = mlp_denoiser(jnp.float32, label_dim=3)
     labels = jnp.eye(3)
     keys = jax.random.split(jax.random.key(5), 3)
-    kwargs = dict(process=PROCESSES['edm'], num_probes=2)
+    kwargs = dict(process=PROCESSES['edm'], num_probes=2, dequantize=False)
     batch = L.bits_per_dim(denoise, jnp.asarray(images), keys, labels=labels, **kwargs)
     mixed = np.concatenate([other[:1], images[1:2], other[2:]])
     other_keys = jnp.stack([jax.random.key(8), keys[1], jax.random.key(9)])
@@ -411,21 +415,32 @@ def digits_gaussian_fit():
 
 @pytest.mark.slow
 def test_digits_bits_per_dim_under_a_gaussian_fit():
-    """A sanity figure: 64 digits through the PF-ODE (EDM, Hutchinson, float32, default prior)
-    against the fitted Gaussian's closed-form bpd of the same dequantised points (as a mean over
-    the images, within 0.01 bits/dim)."""
+    """A sanity figure: 64 dequantised digits through the PF-ODE (EDM, float32, default prior)
+    against the fitted Gaussian's closed-form bpd of the same points (the marginal at
+    sigma_min = 0.002, in float64). Exact divergence: per image within 5e-3 bits/dim, mean within
+    1e-3 -- the difference (measured up to 3.3e-3, mean 4e-4) is the default prior's mismatch,
+    N(0, 80^2 I) against the true N(m, C + 80^2 I) with |m| = 5.2 (the term z.m / 80^2), not the
+    solver's: it stays at rtol 1e-7, and the exact prior brings it to 1e-4. One Rademacher probe:
+    the mean over images within 4 standard errors of the per-image differences (std ~0.12).
+    The figure is about 2.90 bits/dim (of log2(17) = 4.09 for 17 levels)."""
     k, mean, cov = digits_gaussian_fit()
-    images = k[:64]
+    images = jnp.asarray(k[:64])
     denoise = GaussianDenoiser.create(jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32))
     keys = jax.random.split(jax.random.key(0), len(images))
-    result = L.bits_per_dim(denoise, jnp.asarray(images), keys, process=PROCESSES['edm'], num_levels=17)
+    kwargs = dict(process=PROCESSES['edm'], num_levels=17)
+    exact = L.bits_per_dim(denoise, images, keys, divergence='exact', **kwargs)
+    hutchinson = L.bits_per_dim(denoise, images, keys, **kwargs)
     # The same dequantised points, and the density of the marginal at sigma_min, in float64.
     u = np.stack([np.asarray(jax.random.uniform(jax.random.fold_in(key, 0), images.shape[1:])) for key in keys])
-    x = (images + u - 0.5) / 8 - 1
+    x = (np.asarray(images) + u - 0.5) / 8 - 1
     cov_min = cov + 0.002 ** 2 * np.eye(len(cov))
     diff = (x - mean).reshape(len(x), -1)
     _, logdet = np.linalg.slogdet(cov_min)
-    log_p = -0.5 * (np.einsum('nd,nd->n', diff, np.linalg.solve(cov_min, diff.T).T) + logdet + len(cov) * np.log(2 * np.pi))
+    log_p = -0.5 * (np.einsum('nd,nd->n', diff, np.linalg.solve(cov_min, diff.T).T) + logdet
+                    + len(cov) * np.log(2 * np.pi))
     expected = -log_p / (len(cov) * math.log(2)) + 3.0
-    assert bool(result.success.all())
-    assert abs(float(np.mean(result.bpd)) - expected.mean()) < 0.01, (np.mean(result.bpd), expected.mean())
+    assert bool(exact.success.all()) and bool(hutchinson.success.all())
+    assert np.abs(np.asarray(exact.bpd) - expected).max() < 5e-3
+    assert abs(np.mean(np.asarray(exact.bpd) - expected)) < 1e-3
+    errors = np.asarray(hutchinson.bpd) - expected
+    assert abs(errors.mean()) < 4 * errors.std() / math.sqrt(len(errors)), errors
