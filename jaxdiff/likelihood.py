@@ -14,6 +14,8 @@ change of variables (Chen et al. 2018, Thm. 1), along a solution x(t),
 so we integrate the pair (x, Delta) with dDelta/dt = div f from t_min to t_max, entirely in JAX
 (`dopri5` is an adaptive Dormand-Prince 5(4) solver in a `lax.while_loop`; `rk4`/`heun` take fixed
 steps) and add the prior's log-density at x(t_max): log N(z; 0, (s(t_max) sigma(t_max))^2 I).
+Each image is solved on its own (vmapped: its own steps and nfe, its result independent of its
+batch-mates); a batch costs as many iterations as its slowest image.
 What is computed is the density of the process's marginal at t_min (the data blurred by
 sigma(t_min) and scaled by s(t_min)), as in score-SDE, which starts the ODE at t = epsilon.
 
@@ -342,8 +344,9 @@ def dopri5(f: Callable, y0, t0, t1, *, rtol: float = 1e-5, atol: float = 1e-5, m
 
     A step of size h is accepted when the error norm e <= 1 and the next step is
     h min(10, max(0.2, 0.9 e^(-1/5))) (no growth after a rejection). The last step is cut to end
-    exactly at t1. Returns (y(t1), SolveStats); nfe = 2 + 6 (accepted + rejected), counted as
-    scipy's RK45 counts, so figures compare with score-SDE's.
+    exactly at t1. The tableau, error norm, controller and initial step are those of scipy's RK45
+    (score-SDE's solver), which takes the same steps (tests/test_likelihood.py), so nfe =
+    2 + 6 (accepted + rejected) compares with score-SDE's figures. Returns (y(t1), SolveStats).
     """
     t0 = jnp.asarray(t0, jax.tree.leaves(y0)[0].dtype)
     t1 = jnp.asarray(t1, t0.dtype)

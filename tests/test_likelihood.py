@@ -269,6 +269,21 @@ def test_adaptive_solver_meets_its_tolerance_on_a_linear_ode():
     assert errors == sorted(errors, reverse=True)
 
 
+def test_adaptive_solver_takes_scipy_rk45_steps():
+    """Same tableau, error norm, step controller and initial step as scipy's RK45 (score-SDE's
+    solver): on the linear ODE the same number of evaluations and the same answer (float64)."""
+    from scipy.integrate import solve_ivp
+    with jax.enable_x64(True):
+        f, y0, _ = linear_ode()
+        A = np.asarray(jax.jacfwd(lambda y: f(0.0, (y, 0.0))[0])(y0[0]))
+        for tol in (1e-5, 1e-8):
+            (y, w), stats = jax.jit(lambda y0: L.dopri5(f, y0, 0.0, 4.0, rtol=tol, atol=tol))(y0)
+            ref = solve_ivp(lambda t, z: np.append(A @ z[:-1], math.cos(t) * z[-1]), (0.0, 4.0),
+                            np.append(np.asarray(y0[0]), float(y0[1])), method='RK45', rtol=tol, atol=tol)
+            assert int(stats.nfe) == ref.nfev
+            np.testing.assert_allclose(np.append(np.asarray(y), float(w)), ref.y[:, -1], rtol=1e-10, atol=1e-12)
+
+
 def test_adaptive_solver_reports_failure_past_max_steps():
     with jax.enable_x64(True):
         f, y0, _ = linear_ode()
