@@ -249,7 +249,7 @@ class JaxBench:
         self.sampler = builders.build_sampler(config)
         self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:mesh_data])
         parallel.check_batch_size(batch, self.mesh)
-        self.setup = setup = train.make_setup(config, self.module, self.precond, builders.build_loss(config))
+        self.setup = setup = train.make_setup(config, self.module, builders.model_factory(config), builders.build_loss(config))
         init_fn = lambda key: train.init_state(setup, key, self.image_shape)
         shardings = parallel.state_shardings(self.mesh, jax.eval_shape(init_fn, jax.random.key(0)))
         self.state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))

@@ -1,7 +1,7 @@
 """Draw many samples from a trained network in fixed-size batches, with per-sample seeds.
 
-Sample i is drawn from seed `seed + i` alone (its latents and its churn noise), so any subset of
-a set of samples can be regenerated, and the result does not depend on the batch size.
+Sample i is drawn from seed `seed + i` alone (its latents and its sampler noise), so any subset
+of a set of samples can be regenerated, and the result does not depend on the batch size.
 """
 from __future__ import annotations
 
@@ -15,32 +15,43 @@ from jaxdiff import precond as pc
 from jaxdiff import samplers
 
 
-def sample_images(module, params, precond, sampler: samplers.Sampler, num: int, *, image_shape,
-                  seed: int = 0, batch_size: int = 256, labels: np.ndarray | None = None,
-                  progress=None) -> np.ndarray:
+def sample_many(draw, module, params, num: int, *, image_shape, seed: int = 0, batch_size: int = 256,
+                labels: np.ndarray | None = None, progress=None) -> np.ndarray:
     """`num` samples as float32 NHWC in [-1, 1] (clipped), in batches of `batch_size`.
 
+    draw(module, params, keys, labels, image_shape) -> images: one batch, sample n from keys[n]
+      alone (`builders.Sampling.draw`).
     labels: optional one-hot [num, label_dim] for a conditional network (None: zeros, i.e. the
-    network's unconditional behaviour as in EDM). progress: optional callable(done, total, seconds).
+      network's unconditional behaviour as in EDM).
+    progress: optional callable(done, total, seconds).
     """
-    denoise = pc.make_denoiser(module, params, precond)
     out = []
     start = time.perf_counter()
     for lo in range(0, num, batch_size):
         n = min(batch_size, num - lo)
         seeds = np.arange(seed + lo, seed + lo + batch_size)  # Pad the last batch: one compilation.
         keys = samplers.keys_from_seeds(seeds)
-        latents = samplers.latents_from_keys(keys, tuple(image_shape))
         batch_labels = None
         if labels is not None:
             batch_labels = np.zeros((batch_size, labels.shape[1]), np.float32)
             batch_labels[:n] = labels[lo:lo + n]
             batch_labels = jnp.asarray(batch_labels)
-        images = samplers.sample(sampler, denoise, latents, keys, batch_labels)
+        images = draw(module, params, keys, batch_labels, tuple(image_shape))
         out.append(np.asarray(jax.device_get(images))[:n])
         if progress is not None:
             progress(lo + n, num, time.perf_counter() - start)
     return np.clip(np.concatenate(out), -1, 1)
+
+
+def sample_images(module, params, precond, sampler: samplers.Sampler, num: int, *, image_shape,
+                  seed: int = 0, batch_size: int = 256, labels: np.ndarray | None = None,
+                  progress=None) -> np.ndarray:
+    """`sample_many` with EDM's generalised `sampler` on the denoiser of `module` under `precond`."""
+    def draw(module, params, keys, labels, image_shape):
+        latents = samplers.latents_from_keys(keys, image_shape)
+        return samplers.sample(sampler, pc.make_denoiser(module, params, precond), latents, keys, labels)
+    return sample_many(draw, module, params, num, image_shape=image_shape, seed=seed, batch_size=batch_size,
+                       labels=labels, progress=progress)
 
 
 def balanced_labels(num: int, num_classes: int) -> np.ndarray:

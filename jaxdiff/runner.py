@@ -33,8 +33,8 @@ class Run:
     info: data.DatasetInfo
     label_dim: int
     module: object
-    precond: object
-    sampler: object
+    make_model: object   # builders.model_factory: (module, params, *, train, dropout_key) -> model
+    sampling: object     # builders.Sampling
     mesh: object
 
     @property
@@ -50,6 +50,7 @@ def prepare(config, workdir) -> Run:
     """Validate the config against the data set and the devices, and build the run's pieces.
     Every problem is a ValueError naming the config field, raised before anything is compiled."""
     workdir = pathlib.Path(workdir).absolute()
+    builders.check_method(config)
     data.validate(config.data)
     info = data.dataset_info(config.data)
     label_dim = info.num_classes if config.data.use_labels else 0
@@ -63,8 +64,11 @@ def prepare(config, workdir) -> Run:
             raise ValueError(f'train.{field} must be at least 1, got {config.train[field]}')
     builders.build_loss(config)
     _check_module_builds(module, info, label_dim)
-    return Run(config, workdir, info, label_dim, module, builders.build_precond(config),
-               builders.build_sampler(config), mesh)
+    prior_images = None
+    if config.method == 'ihdm':  # IHDM samples from a prior fitted on (blurred) training images.
+        prior_images, _ = data.eval_images(config.data, min(info.num_examples, 50_000))
+    return Run(config, workdir, info, label_dim, module, builders.model_factory(config),
+               builders.build_sampling(config, prior_images), mesh)
 
 
 def _check_module_builds(module, info, label_dim) -> None:
@@ -111,7 +115,7 @@ def train_and_evaluate(config, workdir) -> dict:
 
 def run_training(run: Run):
     config = run.config
-    setup = train.make_setup(config, run.module, run.precond, builders.build_loss(config))
+    setup = train.make_setup(config, run.module, run.make_model, builders.build_loss(config))
     abstract, shardings = _abstract_state(run, setup)
     ckpt = checkpoint.Checkpointer(run.workdir / 'checkpoints', keep=config.train.keep_checkpoints)
     ckpt.catch_sigterm()
@@ -183,24 +187,46 @@ def _sample_grid(run: Run, ema_params, step: int, writer=None, num: int = 64) ->
     return samples
 
 
-def _sample(run: Run, params, num: int, seed: int | None = None):
+def _sample(run: Run, params, num: int, seed: int | None = None, timing: dict | None = None):
+    """`num` samples (sample i from seed `seed + i`). `timing`, if given, receives the seconds of
+    the first batch (compilation included) and of the rest."""
     config = run.config
     labels = generate.balanced_labels(num, run.label_dim) if run.label_dim else None
-    return generate.sample_images(run.module, params, run.precond, run.sampler, num, image_shape=run.image_shape,
-                                  seed=config.sample.seed if seed is None else seed,
-                                  batch_size=min(config.sample.batch_size, num), labels=labels)
+    marks = []
+    samples = generate.sample_many(run.sampling.draw, run.module, params, num, image_shape=run.image_shape,
+                                   seed=config.sample.seed if seed is None else seed,
+                                   batch_size=min(config.sample.batch_size, num), labels=labels,
+                                   progress=lambda done, total, seconds: marks.append((done, seconds)))
+    if timing is not None and marks:
+        timing.update(first_batch=marks[0][0], first_batch_seconds=marks[0][1],
+                      rest=num - marks[0][0], rest_seconds=marks[-1][1] - marks[0][1])
+    return samples
 
 
-def sample_and_score(run: Run, params, step: int, writer=None) -> dict:
-    """Write samples (npz + PNG grid) and, for the embedded digits, score them."""
+def _log_sampling(run: Run, num: int, timing: dict) -> None:
+    s = run.sampling
+    text = (f'Sampled {num} images ({s.description}, {s.num_evals} network evaluations each) in '
+            f'{timing["first_batch_seconds"] + timing["rest_seconds"]:.1f} s; first batch of {timing["first_batch"]} '
+            f'(compilation included) {timing["first_batch_seconds"]:.1f} s')
+    if timing['rest']:
+        text += f'; then {timing["rest"] / max(timing["rest_seconds"], 1e-9):.1f} images/s'
+    log.info(text)
+
+
+def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = '') -> dict:
+    """Write samples (npz + PNG grid) and, for the embedded digits, score them. `prefix` names the
+    files (`samples/<prefix>samples_<step>.npz`, `<prefix>grid_<step>.png`), so that --mode=eval
+    does not overwrite what --mode=sample wrote."""
     config = run.config
     num = max(config.sample.num_samples, config.eval.num_samples if config.data.name == 'digits' else 0)
-    start = time.perf_counter()
-    samples = _sample(run, params, num)
-    seconds = time.perf_counter() - start
-    log.info('Sampled %d images (%d steps, %d evaluations each) in %.1f s: %.1f images/s (compilation included)',
-             num, run.sampler.num_steps, run.sampler.num_evals, seconds, num / seconds)
-    result = {'step': step, 'num_samples': num, 'sample_seconds': seconds, 'sample_seed': config.sample.seed}
+    timing = {}
+    samples = _sample(run, params, num, timing=timing)
+    _log_sampling(run, num, timing)
+    seconds = timing['first_batch_seconds'] + timing['rest_seconds']
+    result = {'step': step, 'num_samples': num, 'sample_seconds': seconds, 'sample_seed': config.sample.seed,
+              'sampler': run.sampling.description, 'num_evals': run.sampling.num_evals}
+    if timing['rest']:
+        result['images_per_sec_after_compile'] = timing['rest'] / max(timing['rest_seconds'], 1e-9)
     if run.is_main:
         out = run.workdir / 'samples'
         out.mkdir(parents=True, exist_ok=True)
@@ -208,13 +234,13 @@ def sample_and_score(run: Run, params, step: int, writer=None) -> dict:
         arrays = {'images': images.to_uint8(samples)}
         if labels is not None:
             arrays['labels'] = labels
-        np.savez(out / f'samples_{step:08d}.npz', **arrays)
-        grid_path = out / f'grid_{step:08d}.png'
+        np.savez(out / f'{prefix}samples_{step:08d}.npz', **arrays)
+        grid_path = out / f'{prefix}grid_{step:08d}.png'
         grid = images.image_grid(samples[:config.sample.num_samples], upscale=max(1, 64 // run.info.resolution))
         grid.save(grid_path)
         if writer is not None:
             writer.image(step, 'samples', np.asarray(grid))
-        log.info('Wrote %s and %s', out / f'samples_{step:08d}.npz', grid_path)
+        log.info('Wrote %s and %s', out / f'{prefix}samples_{step:08d}.npz', grid_path)
     if config.data.name == 'digits':
         from jaxdiff import evaluate
         real, _ = data.eval_images(config.data, run.info.num_examples)
@@ -229,11 +255,20 @@ def sample_and_score(run: Run, params, step: int, writer=None) -> dict:
     return result
 
 
+def _require_checkpoints(run: Run) -> None:
+    """Fail before anything is written (log, empty directories) when the workdir has no checkpoints."""
+    directory = run.workdir / 'checkpoints'
+    if not directory.is_dir():
+        raise FileNotFoundError(f'No checkpoint directory {directory}: train first (--mode=train), '
+                                f'or pass the --workdir of a trained run')
+
+
 def _restore_ema(run: Run):
     """(step, EMA params) of the latest checkpoint in the work directory."""
-    setup = train.make_setup(run.config, run.module, run.precond, builders.build_loss(run.config))
+    directory = run.workdir / 'checkpoints'
+    setup = train.make_setup(run.config, run.module, run.make_model, builders.build_loss(run.config))
     abstract, _ = _abstract_state(run, setup)
-    ckpt = checkpoint.Checkpointer(run.workdir / 'checkpoints', keep=run.config.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(directory, keep=run.config.train.keep_checkpoints)
     try:
         restored = ckpt.restore_latest(abstract)
     finally:
@@ -246,9 +281,12 @@ def _restore_ema(run: Run):
 
 def sample_mode(config, workdir) -> dict:
     run = prepare(config, workdir)
+    _require_checkpoints(run)
     monitor.setup_logging(run.workdir, run.is_main)
     step, ema = _restore_ema(run)
-    samples = _sample(run, ema, config.sample.num_samples)
+    timing = {}
+    samples = _sample(run, ema, config.sample.num_samples, timing=timing)
+    _log_sampling(run, len(samples), timing)
     out = run.workdir / 'samples'
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +301,7 @@ def sample_mode(config, workdir) -> dict:
 
 def eval_mode(config, workdir) -> dict:
     run = prepare(config, workdir)
+    _require_checkpoints(run)
     monitor.setup_logging(run.workdir, run.is_main)
     step, ema = _restore_ema(run)
-    return sample_and_score(run, ema, step)
+    return sample_and_score(run, ema, step, prefix='eval_')

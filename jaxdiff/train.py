@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import precond as pc
-
 
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array      # int32: steps taken (= images seen / batch size)
@@ -39,7 +37,7 @@ class TrainState(flax.struct.PyTreeNode):
 class TrainSetup:
     """Everything static about a training run (hashable; closed over by the compiled step)."""
     module: Any
-    precond: Any
+    make_model: Callable           # (module, params, *, train, dropout_key) -> what loss_fn takes
     loss_fn: Callable
     lr_schedule: Callable          # step -> learning rate
     optimizer: optax.GradientTransformation
@@ -74,12 +72,16 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
     return adam
 
 
-def make_setup(config, module, precond, loss_fn) -> TrainSetup:
-    """The static training setup of a run's config (optimiser, EMA, batch size)."""
+def make_setup(config, module, make_model, loss_fn) -> TrainSetup:
+    """The static training setup of a run's config (optimiser, EMA, batch size).
+
+    make_model(module, params, *, train, dropout_key) builds what `loss_fn(model, images, key,
+    labels)` trains: a denoiser (`builders.model_factory` of a preconditioning, EDM), an eps model
+    (blurring diffusion) or a heat model (IHDM)."""
     batch_size = config.train.batch_size
     schedule = functools.partial(learning_rate, lr=config.optim.lr, batch_size=batch_size,
                                  warmup_images=config.optim.warmup_images)
-    return TrainSetup(module=module, precond=precond, loss_fn=loss_fn, lr_schedule=schedule,
+    return TrainSetup(module=module, make_model=make_model, loss_fn=loss_fn, lr_schedule=schedule,
                       optimizer=make_optimizer(config.optim), batch_size=batch_size,
                       ema_halflife_images=config.ema.halflife_images, ema_rampup_ratio=config.ema.rampup_ratio,
                       use_labels=config.data.use_labels)
@@ -97,14 +99,14 @@ def init_state(setup: TrainSetup, key, image_shape, label_dim: int = 0) -> Train
 
 
 def loss_and_grads(setup: TrainSetup, params, batch, key):
-    """EDM's objective: sum of the per-element loss over the batch / batch size, and its gradient.
+    """The objective: sum of the per-element loss over the batch / batch size (EDM's), and its gradient.
     Returns (objective, mean per-element loss, gradients)."""
     noise_key, dropout_key = jax.random.split(key)
     labels = batch.get('label') if setup.use_labels else None
 
     def objective(params):
-        denoise = pc.make_denoiser(setup.module, params, setup.precond, train=True, dropout_key=dropout_key)
-        loss = setup.loss_fn(denoise, batch['image'], noise_key, labels)
+        model = setup.make_model(setup.module, params, train=True, dropout_key=dropout_key)
+        loss = setup.loss_fn(model, batch['image'], noise_key, labels)
         return loss.sum() / batch['image'].shape[0], loss.mean()
 
     (objective_value, mean_loss), grads = jax.value_and_grad(objective, has_aux=True)(params)

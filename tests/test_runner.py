@@ -79,7 +79,7 @@ def train_run(config, workdir):
 def restore(config, workdir):
     """(step, state, data_state) of the latest checkpoint in workdir/checkpoints."""
     run = runner.prepare(config, workdir)
-    setup = train.make_setup(config, run.module, run.precond, builders.build_loss(config))
+    setup = train.make_setup(config, run.module, run.make_model, builders.build_loss(config))
     abstract, _ = runner._abstract_state(run, setup)
     ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints')
     try:
@@ -270,19 +270,23 @@ def test_sample_and_eval_modes(tmp_path):
     assert result['fd'] == report['fd']
     # Sample i comes from seed + i alone: eval's first 16 (drawn in a batch of 16 out of 32) are
     # sample mode's 16, up to float rounding in the network.
-    with np.load(npz) as f:
+    with np.load(tmp_path / 'samples' / 'eval_samples_00000004.npz') as f:
         evaluated = f['images']
     assert evaluated.shape == (32, 8, 8, 1)
     assert np.abs(evaluated[:16].astype(int) - sampled.astype(int)).max() <= 1
+    with np.load(npz) as f:  # eval mode does not overwrite what sample mode wrote
+        assert np.array_equal(f['images'], sampled)
 
 
 def test_sample_mode_without_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r'No checkpoint in .*checkpoints: train first \(--mode=train\)'):
+    with pytest.raises(FileNotFoundError, match=r'No checkpoint directory .*checkpoints: train first \(--mode=train\)'):
         runner.sample_mode(tiny_config(), tmp_path)
+    assert not (tmp_path / 'checkpoints').exists()
     proc = launch(['--mode=sample'], tmp_path / 'empty')
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert re.search(r'error: No checkpoint in \S*empty/checkpoints: train first \(--mode=train\)', proc.stderr)
+    assert re.search(r'error: No checkpoint directory \S*empty/checkpoints: train first \(--mode=train\)', proc.stderr)
     assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'empty').exists()  # a mistyped workdir is not created
 
 
 # ------------------------------------------------------------------------------------------------

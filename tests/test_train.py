@@ -67,7 +67,7 @@ def tiny_config(**optim):
 
 
 def tiny_setup(config, module=None, loss_fn=None):
-    return train.make_setup(config, module or TinyNet(), builders.build_precond(config),
+    return train.make_setup(config, module or TinyNet(), builders.model_factory(config),
                             loss_fn or builders.build_loss(config))
 
 

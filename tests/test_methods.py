@@ -1,0 +1,163 @@
+"""The launcher's other methods: blurring diffusion and IHDM train, sample and score through the same
+runner, checkpoints and evaluation as EDM; their configs are validated at start-up.
+
+Runs use a tiny SongUNet (8 channels, one resolution, one block) on the digits and a persistent
+compilation cache for this module (see tests/test_runner.py)."""
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import builders, ihdm, losses, precond, processes, runner
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from configs import blurring, ihdm as ihdm_config  # noqa: E402
+
+BATCH = 16
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+             'jax_persistent_cache_min_entry_size_bytes')
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+    cc.reset_cache()
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+def tiny(config, total_steps=4):
+    k = config.model.kwargs
+    k.model_channels, k.channel_mult, k.num_blocks, k.attn_resolutions = 8, (1,), 1, ()
+    config.train.batch_size = BATCH
+    config.train.total_images = BATCH * total_steps
+    config.train.log_every_steps = 2
+    config.train.checkpoint_every_steps = 2
+    config.sample.num_samples = 16
+    config.sample.batch_size = 16
+    config.eval.num_samples = 32
+    return config
+
+
+def tiny_blurring():
+    c = tiny(blurring.get_config())
+    c.sample.num_steps = 4
+    return c
+
+
+def tiny_ihdm():
+    c = tiny(ihdm_config.get_config())
+    c.process.K = c.sample.num_steps = 4
+    return c
+
+
+@pytest.mark.parametrize('make_config', [tiny_blurring, tiny_ihdm], ids=['blurring', 'ihdm'])
+def test_method_trains_samples_and_scores_through_the_runner(make_config, tmp_path):
+    config = make_config()
+    result = runner.train_and_evaluate(config, tmp_path)
+    report = json.loads((tmp_path / 'eval_00000004.json').read_text())
+    assert report['num_samples'] == 32 and sum(report['class_histogram']) == 32
+    assert np.isfinite(report['fd']) and report['fd'] > 0 and result['fd'] == report['fd']
+    with np.load(tmp_path / 'samples' / 'samples_00000004.npz') as f:
+        images = f['images']
+    assert images.shape == (32, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == ['2', '4']
+    # Sample mode restores the EMA parameters and draws the same first samples (seed i -> sample i).
+    out = runner.sample_mode(config, tmp_path)
+    assert out == {'step': 4, 'num_samples': 16}
+    with np.load(tmp_path / 'samples' / 'samples_00000004.npz') as f:
+        again = f['images']
+    assert np.abs(again.astype(int) - images[:16].astype(int)).max() <= 1
+
+
+def test_blurring_loss_is_the_eps_loss_on_the_configured_process():
+    config = tiny_blurring()
+    loss_fn = builders.build_loss(config)
+    assert loss_fn.keywords['process'] == processes.BlurringProcess(sigma_blur_max=5.0)
+    fn = lambda params, z, c_noise, labels, aug: z * params + 0.01 * c_noise[:, None, None, None]
+    model = precond.eps_model_from_fn(fn, jnp.float32(0.5))
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1)
+    got = loss_fn(model, x, jax.random.key(1), None)
+    want = losses.eps_loss(model, x, jax.random.key(1), process=processes.BlurringProcess(sigma_blur_max=5.0))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_ihdm_sampler_starts_from_the_prior_of_blurred_training_images():
+    config = tiny_ihdm()
+    images = np.random.default_rng(0).uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
+    sampling = builders.build_sampling(config, images)
+    process = builders.build_process(config)
+    # A model that returns its input unchanged leaves u_K + the per-step noise: its mean over many
+    # samples is the mean of the blurred training images (the KDE prior's mean).
+    module_params = None
+
+    class Identity:
+        label_dim = 0
+
+        def apply(self, variables, x, noise_labels, class_labels=None, augment_labels=None, train=False, rngs=None):
+            return jnp.zeros_like(x)
+
+    keys = jax.vmap(jax.random.key)(jnp.arange(4000))
+    out = np.asarray(sampling.draw(Identity(), module_params, keys, None, (8, 8, 1)))
+    blurred_mean = np.asarray(process.blur(jnp.asarray(images), process.K)).mean(0)
+    # std of the mean: (between-centre spread + K * delta^2 noise) / sqrt(4000)
+    spread = np.asarray(process.blur(jnp.asarray(images), process.K)).std(0).max()
+    tol = 5 * np.sqrt(spread ** 2 + process.K * process.sampling_delta ** 2) / np.sqrt(4000)
+    np.testing.assert_allclose(out.mean(0), blurred_mean, atol=tol)
+    assert sampling.num_evals == process.K == 4
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('method', 'ddpm', r"method must be one of \('edm', 'blurring', 'ihdm'\)"),
+    ('loss.type', 'edm', r"loss\.type must be 'eps' for method 'blurring'"),
+    ('sample.solver', 'rk4', r'sample\.solver must be one of'),
+    ('sample.spacing', 'log', r'sample\.spacing must be one of'),
+    ('process.sigma_blur_max', -1.0, r'process: .*sigma_blur_max must be >= 0'),
+])
+def test_blurring_config_errors_name_the_field(field, value, message, tmp_path):
+    config = tiny_blurring()
+    section, _, leaf = field.rpartition('.')
+    (config[section] if section else config)[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        runner.prepare(config, tmp_path)
+
+
+def test_unknown_process_field_and_ihdm_step_count_are_config_errors(tmp_path):
+    config = tiny_blurring()
+    config.process.blur = 1.0
+    with pytest.raises(ValueError, match=r"process: .*unexpected keyword argument 'blur'"):
+        runner.prepare(config, tmp_path)
+    config = tiny_ihdm()
+    config.sample.num_steps = 7
+    with pytest.raises(ValueError, match=r'sample\.num_steps must equal process\.K = 4'):
+        runner.prepare(config, tmp_path)
+
+
+@pytest.mark.parametrize('module, preset', [(blurring, p) for p in blurring.PRESETS]
+                         + [(ihdm_config, p) for p in ihdm_config.PRESETS])
+def test_every_preset_builds_its_network_loss_and_sampler(module, preset):
+    config = module.get_config(preset)
+    network = builders.build_module(config)
+    builders.build_loss(config)
+    res, ch = config.data.resolution, config.data.channels
+    prior = np.zeros((2, res, res, ch), np.float32) if config.method == 'ihdm' else None
+    sampling = builders.build_sampling(config, prior)
+    assert sampling.num_steps == config.sample.num_steps
+    shape = jax.eval_shape(lambda: network.init(jax.random.key(0), jnp.zeros((1, res, res, ch)), jnp.zeros((1,))))
+    assert jax.tree.leaves(shape)
+    if config.method == 'ihdm':
+        assert isinstance(builders.build_process(config), ihdm.HeatDissipation)
