@@ -68,8 +68,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.S_max = float('inf')
     c.sample.S_noise = 1.0
     c.sample.seed = 0
+    # Evaluation (jaxdiff/scoring.py): --mode=eval, after training (after_training), --mode=ref.
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_samples = 1024
+    c.eval.num_samples = 1024  # samples per seed set
+    c.eval.seed = 0  # set j: seeds seed + j * num_samples ... seed + (j + 1) * num_samples - 1
+    c.eval.seed_sets = 1  # EDM's protocol: 3 sets of 50k, the minimum FID reported
+    # 'fd' (Frechet distance: FID on Inception features), 'kid', 'prdc' (precision, recall, density,
+    # coverage), 'is' (Inception Score), 'bpd' (bits/dim of data images through the PF-ODE; edm/vp/ve).
+    c.eval.metrics = ('fd', 'kid', 'prdc', 'is')
+    c.eval.features = 'auto'  # 'digits' (classifier, 8x8 digits only), 'inception', 'auto' (digits if possible)
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz): never downloaded, give its path.
+    c.eval.inception_weights = ml_collections.config_dict.placeholder(str)
+    c.eval.ref = ml_collections.config_dict.placeholder(str)  # statistics .npz; None: <workdir>/ref_<data.name>.npz
+    c.eval.ref_num_features = 10_000  # features kept in a --mode=ref file for KID and PRDC
+    c.eval.batch_size = 256  # per process, for sampling and features
+    c.eval.bpd_num_images = 1024
     c.eval.after_training = True
 
     # Device mesh ('data', 'fsdp'): -1 = all remaining devices.

@@ -1,0 +1,372 @@
+"""Tests of jaxdiff.scoring: seed sets, the digits and Inception paths, reference files, bits/dim
+and the errors that name config fields.
+
+Most tests replace the Inception network by a stand-in (a fixed random projection of the pixels,
+16 features and 10 logits) through `scoring.load_inception`, so the 'inception' path runs in
+milliseconds; one test runs the real FID Inception-v3 with the seeded random weights of
+tests/data/inception on 8 small images.
+"""
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import data, evaluate, images, likelihood, metrics, scoring
+from jaxdiff.analytic import GaussianDenoiser
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from configs import edm  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+
+
+class StandIn:
+    """A cheap feature network: tanh of a fixed random projection of the pixels ([-1, 1] NHWC),
+    logits a fixed linear map of those. Records the batch sizes it is called with."""
+
+    def __init__(self, pixels: int, dim: int = 16, classes: int = 10):
+        rng = np.random.default_rng(123)
+        self.w1 = rng.standard_normal((pixels, dim)) / np.sqrt(pixels)
+        self.w2 = rng.standard_normal((dim, classes))
+        self.batch_sizes = []
+
+    def __call__(self, x):
+        self.batch_sizes.append(len(x))
+        pool = np.tanh(np.asarray(x, np.float64).reshape(len(x), -1) @ self.w1)
+        return pool.astype(np.float32), (pool @ self.w2).astype(np.float32)
+
+
+class Lines:
+    """A `log` that keeps the formatted lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, fmt, *args):
+        self.lines.append(fmt % args)
+
+    def __contains__(self, text):
+        return any(text in line for line in self.lines)
+
+
+def faces_config(**eval_fields):
+    c = edm.get_config()
+    c.data.name, c.data.resolution, c.data.channels = 'faces', 25, 1
+    for k, v in eval_fields.items():
+        c.eval[k] = v
+    return c
+
+
+def faces():
+    return data.load_embedded('faces', 25)[0]
+
+
+def faces_sampler(calls=None):
+    """sample_fn over the faces: sample i of a call is face (seed + i) mod 200 plus a little
+    noise drawn from that seed alone."""
+    real = faces()
+
+    def sample_fn(num, seed):
+        if calls is not None:
+            calls.append((num, seed))
+        seeds = np.arange(seed, seed + num)
+        noise = np.stack([np.random.default_rng(int(s)).normal(0, 0.05, real.shape[1:]) for s in seeds])
+        return np.clip(real[seeds % len(real)] + noise, -1, 1).astype(np.float32)
+    return sample_fn
+
+
+def no_sampling(num, seed):
+    raise AssertionError('sample_fn must not be called')
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The stand-in network in place of the Inception weights, for any eval.inception_weights."""
+    net = StandIn(25 * 25)
+    monkeypatch.setattr(scoring, 'load_inception', lambda config: net)
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed sets, shares, batching
+
+
+def test_seed_sets_seeds_and_per_set_figures(tmp_path, stand_in):
+    n, sets = 40, 3
+    mu, sigma = metrics.feature_statistics(stand_in(faces())[0])
+    scoring.save_reference(tmp_path / 'ref.npz', mu, sigma, network='inception')
+    config = faces_config(num_samples=n, seed=5, seed_sets=sets, batch_size=16, metrics=('fd', 'is'),
+                          ref=str(tmp_path / 'ref.npz'))
+    calls = []
+    stand_in.batch_sizes.clear()
+    result = scoring.evaluate_samples(config, faces_sampler(calls), step=3, workdir=tmp_path)
+    # The network always sees full batches (one compilation), the last one padded.
+    assert stand_in.batch_sizes == [16] * 9
+    # Set j: seeds 5 + 40 j ... 5 + 40 j + 39, drawn in blocks of 16 (the last padded past the set).
+    assert result['seeds'] == ['5-44', '45-84', '85-124']
+    assert [s['seeds'] for s in result['sets']] == result['seeds']
+    assert calls == [(16, 5 + 40 * j + b) for j in range(sets) for b in (0, 16, 32)]
+    sample_fn = faces_sampler()
+    for j, s in enumerate(result['sets']):
+        pool, logits = stand_in(sample_fn(n, 5 + 40 * j))  # the set at once: the same figures
+        assert s['fd'] == pytest.approx(metrics.frechet_distance(*metrics.feature_statistics(pool), mu, sigma),
+                                        rel=1e-10)
+        assert s['is'] == pytest.approx(metrics.inception_score(logits)[0], rel=1e-10)
+        assert s['num_samples'] == n
+    fds = [s['fd'] for s in result['sets']]
+    assert len(set(fds)) == sets  # different seeds, different samples
+    assert result['headline_set'] == int(np.argmin(fds)) and result['fd'] == min(fds)
+    assert result['over_sets']['fd'] == {'min': min(fds), 'mean': pytest.approx(np.mean(fds)), 'max': max(fds)}
+    assert result['over_sets']['is']['mean'] == pytest.approx(np.mean([s['is'] for s in result['sets']]))
+    assert json.loads((tmp_path / 'eval_00000003.json').read_text()) == json.loads(json.dumps(result))
+    assert result['features'] == 'inception' and result['ref'] == str(tmp_path / 'ref.npz')
+    assert result['sample']['num_steps'] == config.sample.num_steps and result['sample']['S_max'] == 'inf'
+
+
+def test_results_do_not_depend_on_the_batch_size(tmp_path, stand_in):
+    mu, sigma = metrics.feature_statistics(stand_in(faces())[0])
+    scoring.save_reference(tmp_path / 'ref.npz', mu, sigma, features=stand_in(faces()[:60])[0])
+    results = []
+    for batch_size in (7, 64):
+        config = faces_config(num_samples=50, batch_size=batch_size, seed_sets=2, ref=str(tmp_path / 'ref.npz'))
+        result = scoring.evaluate_samples(config, faces_sampler(), step=0)
+        results.append({k: v for k, v in result.items() if 'seconds' not in k and k != 'sets'})
+    assert results[0] == results[1]
+    assert {'fd', 'kid', 'kid_std', 'precision', 'recall', 'density', 'coverage', 'is'} <= set(results[0])
+
+
+@pytest.mark.parametrize('total,batch', [(50_000, 256), (1024, 256), (10, 3), (5, 8)])
+def test_process_shares_cover_the_seeds_once_in_order(total, batch):
+    for count in (1, 2, 3, 4):
+        shares = [scoring.process_share(total, batch, p, count) for p in range(count)]
+        assert len({len(s) for s in shares}) == 1  # the same number of sample_fn calls everywhere
+        covered = [i for share in shares for start, n in share for i in range(start, start + n)]
+        assert covered == list(range(total))  # process order is seed order
+        assert all(0 <= n <= batch for share in shares for _, n in share)
+
+
+# ---------------------------------------------------------------------------------------------
+# The digits
+
+
+def test_digits_report_and_json(tmp_path):
+    config = edm.get_config()  # the default digits run: features 'auto' -> digits
+    config.eval.num_samples, config.eval.batch_size = 64, 32
+    real = data.load_embedded('digits')[0]
+    calls = []
+
+    def sample_fn(num, seed):
+        calls.append((num, seed))
+        return real[np.arange(seed, seed + num) * 7 % len(real)]
+
+    log = Lines()
+    result = scoring.evaluate_samples(config, sample_fn, step=12, workdir=tmp_path, log=log)
+    assert calls == [(32, 0), (32, 32)]
+    report = evaluate.digits_report(real[np.arange(64) * 7 % len(real)], real, seed=config.eval.seed)
+    for key, value in report.items():  # every key of the digits report, as it computes it
+        assert result[key] == value, key
+    for key in ('fd', 'fd_floor', 'class_histogram', 'num_samples', 'step', 'sample_seconds', 'sample_seed'):
+        assert key in result  # what the runner logs and writes
+    assert result['features'] == 'digits' and result['num_samples'] == 64 and result['seeds'] == ['0-63']
+    assert 1 < result['is'] <= 10  # the classifier's Inception-Score analogue (10 classes)
+    assert json.loads((tmp_path / 'eval_00000012.json').read_text()) == json.loads(json.dumps(result))
+    assert 'digits Frechet distance' in log and 'Wrote' in log
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference files
+
+
+def test_reference_round_trip(tmp_path, stand_in):
+    config = faces_config(batch_size=64, ref_num_features=50)
+    log = Lines()
+    info = scoring.compute_reference(config, scoring.default_ref_path(config, tmp_path), log=log)
+    path = tmp_path / 'ref_faces.npz'
+    assert info['path'] == str(path) and 'images/s' in log
+    real = faces()
+    mu, sigma = metrics.feature_statistics(stand_in(real)[0])
+    # EDM's format: fid.py reads mu and sigma; ours adds meta and a documented subset of features.
+    with np.load(path) as npz:
+        assert set(npz.files) == {'mu', 'sigma', 'meta', 'features'}
+        np.testing.assert_allclose(npz['mu'], mu, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(npz['sigma'], sigma, rtol=0, atol=1e-12)
+        subset, _ = data.eval_images(config.data, 50, seed=0)
+        np.testing.assert_array_equal(npz['features'], stand_in(subset)[0])
+    ref = scoring.load_reference(path)
+    assert ref.meta['dataset'] == 'faces' and ref.meta['num_images'] == 200 and ref.meta['network'] == 'inception'
+    assert ref.meta['num_features'] == 50 and ref.meta['feature_dim'] == 16
+    assert metrics.load_statistics(path)[2] == ref.meta
+    # eval.ref unset: the file --mode=ref wrote in the work directory. The data against its own
+    # statistics: FD 0.
+    config = faces_config(batch_size=64, num_samples=200)
+    result = scoring.evaluate_samples(config, lambda num, seed: real[np.arange(seed, seed + num) % 200],
+                                      step=0, workdir=tmp_path, log=log)
+    assert result['ref'] == str(path) and 'eval.ref not set: using' in log
+    assert abs(result['fd']) < 1e-9
+    assert result['num_ref_features'] == 50 and result['prdc_num_samples'] == 50
+    assert np.isfinite(result['kid']) and 0 <= result['precision'] <= 1
+
+
+def test_edm_statistics_file_gives_fd_and_skips_kid_and_prdc(tmp_path, stand_in):
+    mu, sigma = metrics.feature_statistics(stand_in(faces())[0])
+    np.savez(tmp_path / 'edm.npz', mu=mu, sigma=sigma)  # EDM's fid.py ref: mu and sigma only
+    config = faces_config(num_samples=20, batch_size=20, ref=str(tmp_path / 'edm.npz'))
+    result = scoring.evaluate_samples(config, faces_sampler(), step=0)
+    assert np.isfinite(result['fd']) and 'is' in result
+    assert set(result['skipped']) == {'kid', 'prdc'} and 'kid' not in result and 'precision' not in result
+    assert '--mode=ref' in result['skipped']['kid']
+
+
+def test_reference_mode_of_the_launcher(tmp_path):
+    import launch
+    config = edm.get_config()
+    config.eval.features, config.eval.ref_num_features, config.eval.batch_size = 'digits', 100, 500
+    info = launch.reference_mode(config, tmp_path)
+    ref = scoring.load_reference(tmp_path / 'ref_digits.npz')
+    features, _ = evaluate.digits_features(data.load_embedded('digits')[0])
+    mu, sigma = metrics.feature_statistics(features)
+    np.testing.assert_allclose(ref.mu, mu, atol=1e-9)
+    np.testing.assert_allclose(ref.sigma, sigma, atol=1e-9)
+    assert ref.features.shape == (100, 64) and info['network'] == 'digits' and info['num_images'] == 1797
+    config.eval.ref = str(tmp_path / 'elsewhere' / 'digits.npz')  # eval.ref set: written there
+    launch.reference_mode(config, tmp_path)
+    assert (tmp_path / 'elsewhere' / 'digits.npz').is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real Inception network (random weights)
+
+
+def test_real_inception_features_path(tmp_path, monkeypatch):
+    from jaxdiff.nets import inception
+    spec = importlib.util.spec_from_file_location('inception_random_weights',
+                                                  REPO / 'tests' / 'data' / 'inception' / 'random_weights.py')
+    random_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(random_weights)
+    params = jax.tree.map(jnp.asarray, inception.params_from_state_dict(
+        random_weights.random_state_dict(inception.state_dict_shapes())))
+    loaded = []
+    monkeypatch.setattr(inception, 'load_inception_params',
+                        lambda path, **kwargs: loaded.append(path) or params)
+    samples = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+    # The features by hand: uint8 quantisation, gray to RGB, the network in batches of 4.
+    rgb = np.repeat(images.to_uint8(samples), 3, axis=-1)
+    pool, logits = (np.concatenate(parts) for parts in zip(*[
+        [np.asarray(a) for a in inception.inception_features_uint8(params, rgb[i:i + 4])] for i in (0, 4)]))
+    scoring.save_reference(tmp_path / 'ref.npz', *metrics.feature_statistics(pool), features=pool,
+                           network='inception')
+    config = edm.get_config()
+    config.eval.features, config.eval.inception_weights = 'inception', 'pt_inception.pth'
+    config.eval.num_samples, config.eval.batch_size, config.eval.ref = 8, 4, str(tmp_path / 'ref.npz')
+    # No 'fd' here: its 2048 x 2048 eigendecomposition takes 10-20 s on a shared 2-core CPU, and
+    # the FD path is the same for any network (checked with the stand-in above).
+    config.eval.metrics = ('kid', 'prdc', 'is')
+    result = scoring.evaluate_samples(config, lambda num, seed: samples[seed:seed + num], step=0)
+    assert loaded == ['pt_inception.pth'] and result['features'] == 'inception'
+    assert result['kid'] == pytest.approx(metrics.kernel_inception_distance(pool, pool)[0], rel=1e-4)
+    assert result['is'] == pytest.approx(metrics.inception_score(logits, splits=8)[0], rel=1e-6)
+    assert result['precision'] == result['recall'] == result['coverage'] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# bits/dim
+
+
+def digits_denoiser():
+    x, _ = data.load_embedded('digits')
+    flat = (np.round((x + 1) * 8) / 8 - 1).reshape(len(x), -1)
+    cov = np.cov(flat.T) + np.eye(flat.shape[1]) / 768
+    return GaussianDenoiser.create(jnp.asarray(flat.mean(0).reshape(8, 8, 1), jnp.float32),
+                                   jnp.asarray(cov, jnp.float32))
+
+
+def test_bits_per_dim_metric(tmp_path):
+    config = edm.get_config()
+    config.eval.metrics, config.eval.bpd_num_images, config.eval.batch_size = ('bpd',), 3, 2
+    denoise = digits_denoiser()
+    result = scoring.evaluate_samples(config, no_sampling, step=1, workdir=tmp_path, denoise=denoise)
+    # The same images (data.eval_images with eval.seed), 17 levels, image i with key i.
+    x, _ = data.eval_images(config.data, 3, seed=0)
+    ints = np.rint((x + 1) * 8).astype(np.int32)
+    keys = jax.random.split(jax.random.key(0), 3)
+    direct = [likelihood.bits_per_dim(denoise, ints[i], keys[i], process=likelihood.edm_process(), num_levels=17)
+              for i in (np.array([0, 1]), np.array([2, 2]))]
+    expected = np.concatenate([np.asarray(direct[0].bpd), np.asarray(direct[1].bpd)[:1]])
+    assert result['bpd'] == pytest.approx(expected.mean(), rel=1e-6)
+    assert result['bpd_num_images'] == 3 and result['bpd_failed'] == 0 and result['bpd_levels'] == 17
+    assert result['bpd_process'] == 'edm' and 2 < result['bpd'] < np.log2(17)
+    assert 'fd' not in result and 'sets' not in result
+    assert json.loads((tmp_path / 'eval_00000001.json').read_text())['bpd'] == result['bpd']
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, raised before any sampling
+
+
+def test_missing_reference_names_eval_ref_and_the_command(tmp_path, stand_in):
+    config = faces_config()
+    with pytest.raises(ValueError, match=r'eval\.ref is not set.*--mode=ref'):
+        scoring.evaluate_samples(config, no_sampling, step=0, workdir=tmp_path)
+    config.eval.ref = str(tmp_path / 'nowhere.npz')
+    with pytest.raises(FileNotFoundError, match=r"eval\.ref=.*nowhere\.npz.*--mode=ref"):
+        scoring.evaluate_samples(config, no_sampling, step=0, workdir=tmp_path)
+    (tmp_path / 'garbage.npz').write_text('not numpy')
+    config.eval.ref = str(tmp_path / 'garbage.npz')
+    with pytest.raises(ValueError, match=r'eval\.ref.*garbage\.npz'):
+        scoring.evaluate_samples(config, no_sampling, step=0)
+
+
+def test_reference_of_another_network_names_eval_ref(tmp_path, stand_in):
+    scoring.save_reference(tmp_path / 'digits.npz', np.zeros(16), np.eye(16), network='digits')
+    config = faces_config(ref=str(tmp_path / 'digits.npz'))
+    with pytest.raises(ValueError, match=r'eval\.ref=.*digits features.*inception'):
+        scoring.evaluate_samples(config, no_sampling, step=0)
+
+
+def test_missing_inception_weights_say_where_they_come_from(tmp_path):
+    config = faces_config()
+    for weights in (None, str(tmp_path / 'missing.pth')):
+        config.eval.inception_weights = weights
+        with pytest.raises(FileNotFoundError, match=r'eval\.inception_weights.*pytorch-fid'):
+            scoring.evaluate_samples(config, no_sampling, step=0)
+        with pytest.raises(FileNotFoundError, match=r'eval\.inception_weights.*github\.com/mseitzer'):
+            scoring.compute_reference(config, tmp_path / 'ref.npz')
+    assert not (tmp_path / 'ref.npz').exists()
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('metrics', ('fd', 'fid'), r"eval\.metrics: unknown metric\(s\) \['fid'\]"),
+    ('metrics', (), r'eval\.metrics must be a non-empty tuple'),
+    ('features', 'clip', r'eval\.features must be one of'),
+    ('num_samples', 1, r'eval\.num_samples must be an integer >= 2'),
+    ('seed_sets', 0, r'eval\.seed_sets must be an integer >= 1'),
+    ('seed', 2 ** 32 - 10, r'below 2\*\*32'),
+])
+def test_bad_eval_fields_are_named(field, value, message):
+    config = edm.get_config()
+    config.eval[field] = value
+    with pytest.raises(ValueError, match=message):
+        scoring.evaluate_samples(config, no_sampling, step=0)
+
+
+def test_digits_features_need_the_digits():
+    config = faces_config(features='digits')
+    with pytest.raises(ValueError, match=r"eval\.features='digits'.*'faces'"):
+        scoring.evaluate_samples(config, no_sampling, step=0)
+
+
+def test_bpd_needs_a_process_and_a_denoiser():
+    config = edm.get_config()
+    config.eval.metrics = ('fd', 'bpd')
+    with pytest.raises(ValueError, match=r"'bpd'.*denoise"):
+        scoring.evaluate_samples(config, no_sampling, step=0)
+    config.precond.type = 'iddpm'
+    with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*precond\.type.*'iddpm'"):
+        scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
