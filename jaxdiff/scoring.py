@@ -337,45 +337,31 @@ def _is_main() -> bool:
 def _draw(sample_fn, config, seed: int, *, keep_images: bool, features_fn: FeaturesFn | None,
           progress_desc: str):
     """Sample this process's share of the seeds [seed, seed + N) in blocks of eval.batch_size
-    (each block one `sample_fn(batch_size, block seed)` call); return (images or None, pool or
-    None, logits or None) of the whole set (gathered across processes, in seed order)."""
+    (each block one `sample_fn(batch_size, block seed)` call, featurised whole: full batches only,
+    the samples past the set dropped afterwards); return (images or None, pool or None, logits or
+    None) of the whole set, gathered across processes in seed order."""
     n, bs = config.eval.num_samples, config.eval.batch_size
     kept_images, pools, logits = [], [], []
     bar = tqdm(total=n, unit='img', desc=progress_desc, disable=not _is_main(), dynamic_ncols=True,
                mininterval=1.0, leave=False)
     try:
-        for start, count in process_share(n, bs):
+        for start, count in process_share(n, bs):  # at least one block, maybe all padding
             x = np.asarray(sample_fn(bs, seed + start), np.float32)
             if x.ndim != 4 or len(x) != bs:
                 raise ValueError(f'sample_fn({bs}, seed) must return [{bs}, H, W, C] images, got {x.shape}')
-            x = x[:count]
-            if count == 0:
-                continue
             if keep_images:
-                kept_images.append(x)
+                kept_images.append(x[:count])
             if features_fn is not None:
                 p, l = batched_features(features_fn, x, bs)
-                pools.append(p)
-                logits.append(l)
+                pools.append(p[:count])
+                logits.append(l[:count])
             bar.update(count * jax.process_count())
     finally:
         bar.close()
-
-    def whole(parts, like=None):
-        if not parts:  # a process whose share is empty still takes part in the gather
-            return None if like is None else _gather(np.zeros((0, *like), np.float32))
-        return _gather(np.concatenate(parts))
-
-    shape = tuple(config.data[f] for f in ('resolution', 'resolution', 'channels'))
-    out_images = whole(kept_images, shape) if keep_images else None
-    if features_fn is None:
-        return out_images, None, None
-    dims = [p.shape[1:] for p in pools[:1]] or [None]
-    # Feature sizes of an empty share: ask the network once (cheap next to sampling).
-    if dims[0] is None:
-        p, l = batched_features(features_fn, np.zeros((1, *shape), np.float32), bs)
-        return out_images, whole([], p.shape[1:]), whole([], l.shape[1:])
-    return out_images, whole(pools), whole(logits)
+    whole = lambda parts: _gather(np.concatenate(parts))  # every process gathers, in step
+    return (whole(kept_images) if keep_images else None,
+            whole(pools) if features_fn is not None else None,
+            whole(logits) if features_fn is not None else None)
 
 
 def _score_features(config, pool, logits, ref: Reference | None, wanted) -> dict:
@@ -465,10 +451,8 @@ def _bits_per_dim(config, denoise, log) -> dict:
         idx = np.arange(start, start + bs) % n  # padding: repeats, dropped below
         out = likelihood.bits_per_dim(denoise, ints[idx], keys[idx], process=process, num_levels=levels,
                                       labels=None if onehot is None else onehot[idx])
-        out = np.stack([np.asarray(v, np.float32) for v in (out.bpd, out.nfe, out.success)], 1)
-        if count:
-            rows.append(out[:count])
-    rows = _gather(np.concatenate(rows) if rows else np.zeros((0, 3), np.float32))
+        rows.append(np.stack([np.asarray(v, np.float32) for v in (out.bpd, out.nfe, out.success)], 1)[:count])
+    rows = _gather(np.concatenate(rows))
     bpd, nfe, success = rows[:, 0], rows[:, 1], rows[:, 2] > 0
     good = bpd[success & np.isfinite(bpd)]
     seconds = time.perf_counter() - start_time

@@ -8,8 +8,12 @@ tests/data/inception on 8 small images.
 """
 import importlib.util
 import json
+import os
 import pathlib
+import socket
+import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -370,3 +374,99 @@ def test_bpd_needs_a_process_and_a_denoiser():
     config.precond.type = 'iddpm'
     with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*precond\.type.*'iddpm'"):
         scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (slow): jax.distributed over gloo
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent('''
+    import json, sys
+    sys.path[:0] = [{repo!r}, {tests!r}]
+    import jax, numpy as np
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    process = int(sys.argv[1])
+    jax.distributed.initialize(coordinator_address={address!r}, num_processes=2, process_id=process)
+    from jaxdiff import scoring
+    from test_scoring import StandIn, faces_config, faces_sampler, digits_config, digits_sampler
+    out = {{}}
+    calls = []
+    config = faces_config(num_samples=50, batch_size=8, seed_sets=2, ref={ref!r})
+    out['faces'] = scoring.evaluate_samples(config, faces_sampler(calls), step=0, features_fn=StandIn(625))
+    out['calls'] = calls
+    out['digits'] = scoring.evaluate_samples(digits_config(), digits_sampler(), step=0)
+    config = faces_config(batch_size=16, ref_num_features=50)
+    scoring.compute_reference(config, {out!r} + '/ref_two.npz', features_fn=StandIn(625))
+    with open({out!r} + f'/process_{{process}}.json', 'w') as f:
+        json.dump(out, f)
+''')
+
+
+def digits_config():
+    config = edm.get_config()
+    config.eval.num_samples, config.eval.batch_size = 40, 16
+    return config
+
+
+def digits_sampler():
+    real = data.load_embedded('digits')[0]
+    return lambda num, seed: real[np.arange(seed, seed + num) * 7 % len(real)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def without_times(result):
+    """A result less its timings (which differ from run to run)."""
+    if isinstance(result, dict):
+        return {k: without_times(v) for k, v in result.items() if 'seconds' not in k}
+    if isinstance(result, list):
+        return [without_times(v) for v in result]
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_score_as_one(tmp_path):
+    """Each process samples and featurises its share; the figures (Inception path with the
+    stand-in, and the digits) equal one process's; both processes make the same number of
+    sample_fn calls; the reference statistics merged across processes equal one process's."""
+    net = StandIn(625)
+    mu, sigma = metrics.feature_statistics(net(faces())[0])
+    scoring.save_reference(tmp_path / 'ref.npz', mu, sigma, features=net(faces()[:40])[0])
+    script = TWO_PROCESS_SCRIPT.format(repo=str(REPO), tests=str(REPO / 'tests'), address=f'127.0.0.1:{free_port()}',
+                                       ref=str(tmp_path / 'ref.npz'), out=str(tmp_path))
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    procs = [subprocess.Popen([sys.executable, '-c', script, str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    results = [json.loads((tmp_path / f'process_{i}.json').read_text()) for i in range(2)]
+    # One process, here: the same figures.
+    config = faces_config(num_samples=50, batch_size=8, seed_sets=2, ref=str(tmp_path / 'ref.npz'))
+    one = json.loads(json.dumps(scoring.evaluate_samples(config, faces_sampler(), step=0, features_fn=StandIn(625))))
+    digits_one = json.loads(json.dumps(scoring.evaluate_samples(digits_config(), digits_sampler(), step=0)))
+    for result in results:
+        assert without_times(result['faces']) == without_times(one)
+        assert without_times(result['digits']) == without_times(digits_one)
+    # 7 blocks of 8 per set: process 0 blocks 0-3, process 1 blocks 4-7 (block 7 past the set).
+    assert results[0]['calls'] == [[8, s + 8 * b] for s in (0, 50) for b in range(4)]
+    assert results[1]['calls'] == [[8, s + 8 * b] for s in (0, 50) for b in range(4, 8)]
+    config = faces_config(batch_size=16, ref_num_features=50)
+    scoring.compute_reference(config, tmp_path / 'ref_one.npz', features_fn=StandIn(625))
+    two, single = scoring.load_reference(tmp_path / 'ref_two.npz'), scoring.load_reference(tmp_path / 'ref_one.npz')
+    np.testing.assert_allclose(two.mu, single.mu, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(two.sigma, single.sigma, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(two.features, single.features)
+    assert two.meta == single.meta
