@@ -115,7 +115,8 @@ def check_config(config) -> None:
     last = e.seed + e.seed_sets * e.num_samples + e.batch_size  # padding seeds included
     if last > MAX_SEED:
         raise ValueError(f'eval.seed + eval.seed_sets * eval.num_samples = {last - e.batch_size} '
-                         f'seeds: sample seeds are uint32, keep them below 2**32')
+                         f'(plus up to eval.batch_size padding seeds) must stay below 2**32: sample '
+                         f'seeds are uint32')
 
 
 def resolve_features(config) -> str:
@@ -417,8 +418,13 @@ def _log_set(log, kind: str, index: int, sets: int, seeds: str, report: dict) ->
 def bpd_process(config):
     """The `likelihood` process (a `samplers.Sampler`) of `config.precond.type` for 'bpd', with
     the likelihood module's defaults (EDM [0.002, 80], score-SDE's VP and VE); a ValueError naming
-    eval.metrics for any other preconditioning."""
+    eval.metrics for any other preconditioning, or a method whose model is not a denoiser."""
     from jaxdiff import likelihood
+    method = config.get('method', 'edm')
+    if method != 'edm':
+        raise ValueError(f"eval.metrics: 'bpd' integrates the probability-flow ODE of a denoiser "
+                         f"D(x, sigma) (method 'edm' with precond.type in {BPD_PROCESSES}); method "
+                         f"{method!r} has none in jaxdiff.likelihood (drop 'bpd' from eval.metrics)")
     processes = {'edm': likelihood.edm_process, 'vp': likelihood.vp_process, 've': likelihood.ve_process}
     kind = config.precond.type
     if kind not in processes:
@@ -527,9 +533,11 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
     wanted = set(e.metrics)
     sample_metrics = wanted & set(SAMPLE_METRICS)
     kind = 'custom' if features_fn is not None else resolve_features(config)
-    if 'bpd' in wanted and denoise is None:
-        raise ValueError("eval.metrics has 'bpd', which needs the model's denoiser: "
-                         'evaluate_samples(..., denoise=D)')
+    if 'bpd' in wanted:
+        bpd_process(config)
+        if denoise is None:
+            raise ValueError("eval.metrics has 'bpd', which needs the model's denoiser: "
+                             'evaluate_samples(..., denoise=D)')
     # Everything that can fail is loaded before hours of sampling: the reference, the weights.
     ref = ref_path = network = None
     skipped = {}
@@ -541,8 +549,6 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
                 skipped[m] = (f'{ref_path} holds no reference features (or fewer than {MIN_REF_FEATURES}; '
                               f'EDM\'s statistics files have none): make one with --mode=ref and '
                               f'eval.ref_num_features > 0')
-    if 'bpd' in wanted:
-        bpd_process(config)
 
     n, sets_count = e.num_samples, e.seed_sets
     seeds = [e.seed + j * n for j in range(sets_count)]

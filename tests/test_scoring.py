@@ -374,6 +374,9 @@ def test_bpd_needs_a_process_and_a_denoiser():
     config.precond.type = 'iddpm'
     with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*precond\.type.*'iddpm'"):
         scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
+    config.precond.type, config.method = 'edm', 'blurring'
+    with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*method 'blurring'"):
+        scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
 
 
 # ---------------------------------------------------------------------------------------------
