@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import builders, checkpoint, data, generate, images, monitor, parallel, train
+from jaxdiff import builders, checkpoint, data, generate, images, monitor, parallel, scoring, train
 from jaxdiff.monitor import log
 
 
@@ -63,6 +63,7 @@ def prepare(config, workdir) -> Run:
         if config.train[field] < 1:
             raise ValueError(f'train.{field} must be at least 1, got {config.train[field]}')
     builders.build_loss(config)
+    scoring.check_config(config)
     _check_module_builds(module, info, label_dim)
     prior_images = None
     if config.method == 'ihdm':  # IHDM samples from a prior fitted on (blurred) training images.
@@ -108,7 +109,7 @@ def train_and_evaluate(config, workdir) -> dict:
     finished = int(state.step) >= config.train.total_images // config.train.batch_size
     if config.eval.after_training and finished:  # Not after a pre-emption: there is no time left.
         writer = monitor.Writer(run.workdir / 'tb', enabled=run.is_main)
-        result = sample_and_score(run, state.ema_params, int(state.step), writer)
+        result = sample_and_score(run, state.ema_params, int(state.step), writer, strict=False)
         writer.close()
     return result
 
@@ -213,45 +214,59 @@ def _log_sampling(run: Run, num: int, timing: dict) -> None:
     log.info(text)
 
 
-def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = '') -> dict:
-    """Write samples (npz + PNG grid) and, for the embedded digits, score them. `prefix` names the
-    files (`samples/<prefix>samples_<step>.npz`, `<prefix>grid_<step>.png`), so that --mode=eval
-    does not overwrite what --mode=sample wrote."""
+def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = '', strict: bool = True) -> dict:
+    """Score samples with `scoring.evaluate_samples` (config.eval: metrics, seed sets; writes
+    eval_<step>.json) and write the first set's samples (`samples/<prefix>samples_<step>.npz`) and a
+    PNG grid of `config.sample.num_samples` of them (`<prefix>grid_<step>.png`); `prefix` keeps
+    --mode=eval from overwriting what --mode=sample wrote. With `strict=False` (after training), an
+    evaluation that cannot run (no Inception weights or reference statistics configured) is a
+    warning, and only the samples are written."""
     config = run.config
-    num = max(config.sample.num_samples, config.eval.num_samples if config.data.name == 'digits' else 0)
-    timing = {}
-    samples = _sample(run, params, num, timing=timing)
-    _log_sampling(run, num, timing)
-    seconds = timing['first_batch_seconds'] + timing['rest_seconds']
-    result = {'step': step, 'num_samples': num, 'sample_seconds': seconds, 'sample_seed': config.sample.seed,
-              'sampler': run.sampling.description, 'num_evals': run.sampling.num_evals}
-    if timing['rest']:
-        result['images_per_sec_after_compile'] = timing['rest'] / max(timing['rest_seconds'], 1e-9)
+    blocks, seconds = {}, []
+
+    def sample_fn(num, seed):
+        start = time.perf_counter()
+        blocks[seed] = _sample(run, params, num, seed=seed)
+        seconds.append(time.perf_counter() - start)
+        return blocks[seed]
+
+    denoise = run.make_model(run.module, params) if config.method == 'edm' else None
+    try:
+        result = scoring.evaluate_samples(config, sample_fn, step=step, workdir=run.workdir if run.is_main else None,
+                                          denoise=denoise, run_info={'sampler': run.sampling.description,
+                                                                     'num_evals': run.sampling.num_evals})
+    except (ValueError, FileNotFoundError) as e:
+        if strict:
+            raise
+        log.warning('Not scoring the samples: %s', e)
+        result = {'step': step}
+    if seconds:
+        timing = dict(first_batch=config.eval.batch_size, first_batch_seconds=seconds[0],
+                      rest=config.eval.batch_size * (len(seconds) - 1), rest_seconds=sum(seconds[1:]))
+        _log_sampling(run, config.eval.batch_size * len(seconds), timing)
+        if timing['rest']:
+            result['images_per_sec_after_compile'] = timing['rest'] / max(timing['rest_seconds'], 1e-9)
+
+    # The first seed set, in seed order, when evaluation drew it; else draw the grid's samples.
+    first = [blocks[k] for k in sorted(blocks) if k < config.eval.seed + config.eval.num_samples]
+    samples = np.concatenate(first)[:config.eval.num_samples] if first else None
+    if samples is None or config.eval.seed != config.sample.seed or len(samples) < config.sample.num_samples:
+        samples = _sample(run, params, config.sample.num_samples)
     if run.is_main:
         out = run.workdir / 'samples'
         out.mkdir(parents=True, exist_ok=True)
-        labels = generate.balanced_labels(num, run.label_dim).argmax(1) if run.label_dim else None
         arrays = {'images': images.to_uint8(samples)}
-        if labels is not None:
-            arrays['labels'] = labels
+        if run.label_dim:
+            arrays['labels'] = generate.balanced_labels(len(samples), run.label_dim).argmax(1)
         np.savez(out / f'{prefix}samples_{step:08d}.npz', **arrays)
         grid_path = out / f'{prefix}grid_{step:08d}.png'
         grid = images.image_grid(samples[:config.sample.num_samples], upscale=max(1, 64 // run.info.resolution))
         grid.save(grid_path)
         if writer is not None:
             writer.image(step, 'samples', np.asarray(grid))
+            writer.scalars(step, {f'eval/{k}': result[k] for k in ('fd', 'fd_floor', 'kid', 'precision', 'recall', 'bpd')
+                                  if isinstance(result.get(k), (int, float))})
         log.info('Wrote %s and %s', out / f'{prefix}samples_{step:08d}.npz', grid_path)
-    if config.data.name == 'digits':
-        from jaxdiff import evaluate
-        real, _ = data.eval_images(config.data, run.info.num_examples)
-        report = evaluate.digits_report(samples[:config.eval.num_samples], real, seed=config.seed)
-        result.update(report)
-        log.info('Digits Frechet distance %.3f (real-vs-real floor %.3f at %d samples); classes %s',
-                 report['fd'], report['fd_floor'], report['num_samples'], report['class_histogram'])
-        if writer is not None:
-            writer.scalars(step, {'eval/digits_fd': report['fd'], 'eval/digits_fd_floor': report['fd_floor']})
-    if run.is_main:
-        (run.workdir / f'eval_{step:08d}.json').write_text(json.dumps(result, indent=2) + '\n')
     return result
 
 

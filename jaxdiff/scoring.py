@@ -401,6 +401,10 @@ def _log_set(log, kind: str, index: int, sets: int, seeds: str, report: dict) ->
         log('Seed set %d/%d (seeds %s): digits Frechet distance %.3f (real-vs-real floor %.3f at %d '
             'samples); classes %s', index + 1, sets, seeds, report['fd'], report['fd_floor'],
             report['num_samples'], report['class_histogram'])
+        if 'kid' in report and 'precision' in report:
+            log('  KID %.3f (floor %.3f +- %.3f); precision %.3f, recall %.3f (floors %.3f, %.3f)', report['kid'],
+                report['kid_floor'], report['kid_floor_std'], report['precision'], report['recall'],
+                report['precision_floor'], report['recall_floor'])
         return
     names = {'fd': 'FD', 'kid': 'KID', 'precision': 'precision', 'recall': 'recall',
              'density': 'density', 'coverage': 'coverage', 'is': 'IS'}
