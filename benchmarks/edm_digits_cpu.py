@@ -39,6 +39,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jaxdiff  # noqa: E402,F401  (before jax starts: jaxdiff sets its XLA:CPU flags)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NET_KWARGS = dict(model_type='SongUNet', model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4],
                   dropout=0.1, embedding_type='positional', encoder_type='standard', decoder_type='standard',
