@@ -29,11 +29,11 @@ def _process(sigma_blur_max):
 def digits(c):
     edm.digits(c)  # data, network, optimiser, EMA and budget of the EDM digits preset
     c.process = _process(5.0)
-    # The paper's ancestral sampler. The deterministic ODE samplers are exact with an ideal model
-    # but fail with a trained eps network here (FD 78-99 against 17 for ancestral-100; see the
-    # issue note): frequencies held at the d_min floor have sigma~ = sigma / (a d_min) up to 1.5e5,
-    # so the ODE amplifies the network's eps error there by that much, and only fresh noise
-    # (the ancestral posterior) keeps those frequencies in check.
+    # The paper's ancestral sampler. The deterministic ODE samplers are accurate with an ideal
+    # model (tests/test_process_samplers.py) but not yet with the trained eps network of this
+    # preset: 100 exp_heun or Euler steps give checkerboard high frequencies (digits FD 78 and 99
+    # at 256 samples, against 17 for ancestral T = 100). Not understood yet; suspected: frequencies
+    # held at the d_min floor, where sigma~ = sigma / (a d_min) reaches 1.5e5.
     c.sample.solver = 'ancestral'
     c.sample.num_steps = 100
     c.sample.spacing = 'uniform'
