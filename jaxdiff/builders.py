@@ -170,6 +170,7 @@ def build_sampling(config, prior_images=None) -> Sampling:
         if s.solver not in PROCESS_SOLVERS:
             raise ValueError(f'sample.solver must be one of {PROCESS_SOLVERS} for method blurring, got {s.solver!r}')
         spacing = s.get('spacing', 'uniform')
+        cutoff = s.get('low_snr_cutoff', None)
         if spacing not in process_samplers.SPACINGS:
             raise ValueError(f'sample.spacing must be one of {process_samplers.SPACINGS}, got {spacing!r}')
 
@@ -179,7 +180,7 @@ def build_sampling(config, prior_images=None) -> Sampling:
             if s.solver == 'ancestral':
                 return process_samplers.ancestral_sample(model, process, z, keys, num_steps=s.num_steps, labels=labels)
             return process_samplers.ode_sample(model, process, z, num_steps=s.num_steps, solver=s.solver,
-                                               spacing=spacing, labels=labels)
+                                               spacing=spacing, labels=labels, low_snr_cutoff=cutoff)
         evals = s.num_steps if s.solver in ('ancestral', 'euler') else 2 * s.num_steps - 1
         return Sampling(draw, s.num_steps, evals, f'{s.solver} {s.num_steps} steps')
 

@@ -55,7 +55,9 @@ sample's noise does not depend on its batch; step i uses fold_in(key, i + 1), th
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,31 @@ def ode_final_step(model, process, x, t, labels=None):
     return x - noise_level * eps
 
 
+class LowSNRCutoff(flax.struct.PyTreeNode):
+    """An eps model whose prediction is replaced by the no-signal limit u / sigma_t on every basis
+    coefficient whose logSNR lambda_{t,k} is below `logsnr_cutoff`, i.e. x_hat_k = 0 there.
+
+    Why: on the blurring process the frequencies held at the d_min floor have sigma~ = sigma /
+    (a d_min) up to ~1e5, so the data estimate x_hat = x~ - sigma~ eps_hat of a trained network
+    is its eps error times 1e5 there. The ancestral sampler's fresh noise forgets it; the
+    deterministic ODE carries it to the end (checkerboard samples). Below the cutoff the ideal
+    prediction is u / sigma up to a relative error of order exp(lambda) times the coefficient's
+    variance, so a cutoff well below the data's logSNR scale costs little: measured on the digits
+    preset (256 samples, FD floor 7.5), 40 exp_heun steps gave FD 88 without it and 24-30 with
+    cutoffs -12 to -5 (-8 best), against 17 for the ancestral sampler with T = 100.
+    """
+    model: Any
+    process: Any = flax.struct.field(pytree_node=False)
+    logsnr_cutoff: float = flax.struct.field(pytree_node=False, default=-8.0)
+
+    def __call__(self, z, t, labels=None):
+        eps = self.model(z, t, labels)
+        logsnr = self.process.logsnr(t, z.shape, z.dtype)
+        _, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
+        u, eps_u = self.process.to_basis(z), self.process.to_basis(eps)
+        return self.process.from_basis(jnp.where(logsnr < self.logsnr_cutoff, u / sigma, eps_u))
+
+
 # ---------------------------------------------------------------------------------------------
 # Drivers.
 
@@ -203,17 +230,22 @@ def _ancestral(model, process, z, key, grid, labels):
 
 
 def ode_sample(model, process, z, *, num_steps: int = 50, solver: str = 'exp_heun', spacing: str = 'uniform',
-               rho: float = 7.0, labels=None):
+               rho: float = 7.0, labels=None, low_snr_cutoff: float | None = None):
     """Integrate the PF-ODE from z (at t = 1) to t = 0, then to sigma~ = 0 (jit-compiled, deterministic).
 
     num_steps N: the grid `ode_time_grid(process, N, spacing, rho)` of N times from 1 to 0; N - 1
     `ode_step`s between them ('exp_heun', 'heun' or 'euler' = DDIM) and the final Euler step to
     sigma~ = 0. Returns the data estimate in pixel space. Costs N (euler) or 2N - 1 model calls.
+    low_snr_cutoff: wrap the model in `LowSNRCutoff` (needed for trained networks on the blurring
+    process; -8 on the digits).
     """
     if solver not in SOLVERS:
         raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
     grid = jnp.asarray(ode_time_grid(process, num_steps, spacing, rho), z.dtype)
-    return _ode(_as_pytree_callable(model), process, z, grid, labels, solver=solver)
+    model = _as_pytree_callable(model)
+    if low_snr_cutoff is not None:
+        model = LowSNRCutoff(model, process, float(low_snr_cutoff))
+    return _ode(model, process, z, grid, labels, solver=solver)
 
 
 @functools.partial(jax.jit, static_argnames=('process', 'solver'))

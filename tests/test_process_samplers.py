@@ -261,3 +261,32 @@ def error_table():
 
 if __name__ == '__main__':
     print(error_table())
+
+
+def test_low_snr_cutoff_replaces_eps_by_the_no_signal_limit_below_the_cutoff_only():
+    process = PROCESSES['blurring']
+    model = ideal_eps_model(20.0)
+    z = jax.random.normal(jax.random.key(3), (4, H, W, C))
+    t = jnp.array([0.2, 0.5, 0.8, 0.97])
+    wrapped = process_samplers.LowSNRCutoff(jax.tree_util.Partial(model), process, -8.0)
+    got = np.asarray(dct.dct2(wrapped(z, t)))
+    eps = np.asarray(dct.dct2(model(z, t)))
+    logsnr = np.broadcast_to(np.asarray(process.logsnr(t, z.shape)), z.shape)
+    _, sigma = process.scale_sigma(t, z.shape)
+    limit = np.broadcast_to(np.asarray(dct.dct2(z) / sigma), z.shape)
+    below = logsnr < -8.0
+    assert below.any() and (~below).any()
+    np.testing.assert_allclose(got[below], limit[below], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[~below], eps[~below], rtol=1e-5, atol=1e-5)
+
+
+def test_low_snr_cutoff_below_every_logsnr_leaves_the_ode_sampler_unchanged():
+    # float64: the wrapper's extra DCT round trip is exact only up to rounding, which the ODE's
+    # large sigma~ amplifies to ~1e-4 in float32.
+    with jax.enable_x64(True):
+        process = PROCESSES['blurring']
+        model = ideal_eps_model(20.0)
+        z = process_samplers.prior(process, jax.random.key(4), (8, H, W, C), jnp.float64)
+        plain = process_samplers.ode_sample(model, process, z, num_steps=6)
+        wrapped = process_samplers.ode_sample(model, process, z, num_steps=6, low_snr_cutoff=-1e9)
+    np.testing.assert_allclose(np.asarray(wrapped), np.asarray(plain), rtol=1e-9, atol=1e-9)
