@@ -3,7 +3,6 @@ runner, checkpoints and evaluation as EDM; their configs are validated at start-
 
 Runs use a tiny SongUNet (8 channels, one resolution, one block) on the digits and a persistent
 compilation cache for this module (see tests/test_runner.py)."""
-import functools
 import json
 import pathlib
 import sys
@@ -21,23 +20,9 @@ if str(REPO) not in sys.path:
 from configs import blurring, ihdm as ihdm_config  # noqa: E402
 
 BATCH = 16
-pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'),
+              pytest.mark.usefixtures('persistent_compilation_cache')]
 
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-             'jax_persistent_cache_min_entry_size_bytes')
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
 
 
 def tiny(config, total_steps=4):

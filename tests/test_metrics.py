@@ -6,8 +6,6 @@ and the gather across two processes (jax.distributed over gloo)."""
 import math
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -454,30 +452,13 @@ TWO_PROCESS_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_gather_exactly_the_single_process_features(tmp_path):
+def test_two_processes_gather_exactly_the_single_process_features(tmp_path, coordinator_address, process_runner):
     full = 1e3 + np.random.default_rng(19).normal(size=(1001, 8)) / 3  # float64, low bits set
     np.save(tmp_path / 'full.npy', full)
-    script = TWO_PROCESS_SCRIPT.format(repo=str(REPO), address=f'127.0.0.1:{free_port()}',
+    script = TWO_PROCESS_SCRIPT.format(repo=str(REPO), address=coordinator_address,
                                        data=str(tmp_path / 'full.npy'), cut=600, out=str(tmp_path))
     env = dict(os.environ, JAX_PLATFORMS='cpu')
-    procs = [subprocess.Popen([sys.executable, '-c', script, str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    process_runner([([sys.executable, '-c', script, str(i)], env) for i in range(2)], cwd=REPO, timeout=240)
     mu, sigma = metrics.feature_statistics(full.astype(np.float32))
     for i in range(2):
         result = np.load(tmp_path / f'process_{i}.npz')

@@ -12,7 +12,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,23 +31,9 @@ from configs import edm  # noqa: E402
 
 BATCH = 16
 
-pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'),
+              pytest.mark.usefixtures('persistent_compilation_cache')]
 
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-             'jax_persistent_cache_min_entry_size_bytes')
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
 
 
 def tiny_config(total_steps: int = 8):
@@ -433,35 +418,15 @@ MULTIHOST_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, cache_env):
+def test_two_processes_match_one(tmp_path, cache_env, coordinator_address, process_runner):
     script = MULTIHOST_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), repo=str(REPO),
                                      workdir=str(tmp_path / 'multi'), out=str(tmp_path))
-    address = f'127.0.0.1:{free_port()}'
-    procs = []
-    for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
-                   JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-                   XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip(),
-                   **cache_env)
-        procs.append(subprocess.Popen([sys.executable, '-c', script], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=900)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    env = lambda i: dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=coordinator_address,
+                         JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+                         XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip(),
+                         **cache_env)
+    process_runner([([sys.executable, '-c', script], env(i)) for i in range(2)], cwd=REPO, timeout=900)
     p0, p1 = np.load(tmp_path / 'process_0.npz'), np.load(tmp_path / 'process_1.npz')
     assert sorted(p0.files) == sorted(p1.files)
     for k in p0.files:

@@ -10,8 +10,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -417,12 +415,6 @@ def digits_sampler():
     return lambda num, seed: real[np.arange(seed, seed + num) * 7 % len(real)]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def without_times(result):
     """A result less its timings (which differ from run to run)."""
     if isinstance(result, dict):
@@ -433,28 +425,17 @@ def without_times(result):
 
 
 @pytest.mark.slow
-def test_two_processes_score_as_one(tmp_path):
+def test_two_processes_score_as_one(tmp_path, coordinator_address, process_runner):
     """Each process samples and featurises its share; the figures (Inception path with the
     stand-in, and the digits) equal one process's; both processes make the same number of
     sample_fn calls; the reference statistics merged across processes equal one process's."""
     net = StandIn(625)
     mu, sigma = metrics.feature_statistics(net(faces())[0])
     scoring.save_reference(tmp_path / 'ref.npz', mu, sigma, features=net(faces()[:40])[0])
-    script = TWO_PROCESS_SCRIPT.format(repo=str(REPO), tests=str(REPO / 'tests'), address=f'127.0.0.1:{free_port()}',
+    script = TWO_PROCESS_SCRIPT.format(repo=str(REPO), tests=str(REPO / 'tests'), address=coordinator_address,
                                        ref=str(tmp_path / 'ref.npz'), out=str(tmp_path))
     env = dict(os.environ, JAX_PLATFORMS='cpu')
-    procs = [subprocess.Popen([sys.executable, '-c', script, str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    process_runner([([sys.executable, '-c', script, str(i)], env) for i in range(2)], cwd=REPO, timeout=300)
     results = [json.loads((tmp_path / f'process_{i}.json').read_text()) for i in range(2)]
     # One process, here: the same figures.
     config = faces_config(num_samples=50, batch_size=8, seed_sets=2, ref=str(tmp_path / 'ref.npz'))
