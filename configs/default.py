@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
     c.optim.warmup_images = 10_000_000
+    c.optim.cooldown_images = 0  # linear decay to 0 over the last this many of train.total_images; 0 = off (EDM)
     c.optim.beta1 = 0.9
     c.optim.beta2 = 0.999
     c.optim.eps = 1e-8

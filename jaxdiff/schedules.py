@@ -46,9 +46,9 @@ def clamp_sigma_range(sigma_min: float, sigma_max: float, net_sigma_min: float =
 # s(t) = 1 / sqrt(1 + sigma(t)^2).
 
 def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1):
-    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), with expm1 (accurate for small t)."""
     xp = _np(t)
-    return xp.sqrt(xp.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
+    return xp.sqrt(xp.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
 
 
 def vp_sigma_deriv(t, beta_d: float = 19.9, beta_min: float = 0.1):
@@ -58,9 +58,9 @@ def vp_sigma_deriv(t, beta_d: float = 19.9, beta_min: float = 0.1):
 
 
 def vp_sigma_inv(sigma, beta_d: float = 19.9, beta_min: float = 0.1):
-    """t(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d."""
+    """t(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d, with log1p."""
     xp = _np(sigma)
-    return (xp.sqrt(beta_min ** 2 + 2 * beta_d * xp.log(1 + sigma ** 2)) - beta_min) / beta_d
+    return (xp.sqrt(beta_min ** 2 + 2 * beta_d * xp.log1p(sigma ** 2)) - beta_min) / beta_d
 
 
 def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:

@@ -11,7 +11,8 @@ from the seeds
     config.eval.seed + j N, ..., config.eval.seed + (j + 1) N - 1,   N = config.eval.num_samples,
 
 scores each set with the metrics of `config.eval.metrics` on the features of
-`config.eval.features`, and writes `eval_<step:08d>.json` to the work directory. EDM's protocol
+`config.eval.features`, and writes `eval_<step:08d>.json` to the work directory (`eval_<step:08d>.1.json`,
+... for later evaluations of the same step). EDM's protocol
 (NVlabs/edm README, "Calculating FID": FID of 50,000 images with seeds 0-49999, 50000-99999 and
 100000-149999; "In our paper, we calculated each FID three times and reported the minimum") is
 `num_samples=50_000, seed_sets=3`: the headline figures are those of the set with the lowest FD,
@@ -486,6 +487,16 @@ def _bits_per_dim(config, denoise, log) -> dict:
 # evaluate_samples
 
 
+def _unused_path(directory: pathlib.Path, stem: str, suffix: str) -> pathlib.Path:
+    """directory/stem+suffix, or stem.1, stem.2, ... when taken: a second evaluation of one
+    checkpoint (another sampler, more samples) never overwrites the first's report."""
+    path, k = directory / (stem + suffix), 0
+    while path.exists():
+        k += 1
+        path = directory / f'{stem}.{k}{suffix}'
+    return path
+
+
 def _jsonable(value):
     """Config values as JSON: tuples as lists, non-finite floats as strings ('inf')."""
     if isinstance(value, dict):
@@ -608,7 +619,7 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
         for metric, reason in skipped.items():
             log('Skipped %s: %s', metric, reason)
     if workdir is not None and _is_main():
-        path = pathlib.Path(workdir) / f'eval_{int(step):08d}.json'
+        path = _unused_path(pathlib.Path(workdir), f'eval_{int(step):08d}', '.json')
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + '\n')
         log('Wrote %s', path)

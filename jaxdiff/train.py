@@ -4,7 +4,8 @@ The state is an immutable pytree; `train_step` is a pure function of (state, bat
 returns the next state and its metrics, jit-compiled once with the state donated and sharded
 over a ('data', 'fsdp') mesh. EDM's conventions, in units of images:
 
-  learning rate   lr * min(images_seen / warmup_images, 1), images_seen before the step
+  learning rate   lr * min(images_seen / warmup_images, 1), images_seen before the step; with
+                  optim.cooldown_images > 0, times min((total_images - images_seen) / cooldown, 1)
   loss            sum of the per-element weighted loss / batch size (EDM's `loss.sum() / batch`)
   EMA             beta = 0.5 ** (batch / halflife), halflife = min(halflife_images,
                   rampup_ratio * images_seen); ema <- beta ema + (1 - beta) params
@@ -47,12 +48,19 @@ class TrainSetup:
     use_labels: bool = False
 
 
-def learning_rate(step, *, lr: float, batch_size: int, warmup_images: float):
-    """EDM's linear warm-up: lr * min(step * batch / warmup_images, 1) (0 at the first step)."""
-    if warmup_images <= 0:
-        return jnp.asarray(lr, jnp.float32)
+def learning_rate(step, *, lr: float, batch_size: int, warmup_images: float,
+                  cooldown_images: float = 0.0, total_images: float = 0.0):
+    """EDM's linear warm-up, lr * min(images / warmup_images, 1) with images = step * batch (0 at
+    the first step), and optionally a linear cool-down to 0 over the last `cooldown_images` of
+    `total_images` (warm-up, stable, decay): times min((total_images - images) / cooldown_images, 1).
+    """
     images = jnp.asarray(step, jnp.float32) * batch_size  # float: step * batch overflows int32
-    return lr * jnp.minimum(images / warmup_images, 1.0)
+    rate = jnp.asarray(lr, jnp.float32)
+    if warmup_images > 0:
+        rate = rate * jnp.minimum(images / warmup_images, 1.0)
+    if cooldown_images > 0:
+        rate = rate * jnp.clip((total_images - images) / cooldown_images, 0.0, 1.0)
+    return rate
 
 
 def ema_beta(step, *, batch_size: int, halflife_images: float, rampup_ratio: float):
@@ -79,8 +87,13 @@ def make_setup(config, module, make_model, loss_fn) -> TrainSetup:
     labels)` trains: a denoiser (`builders.model_factory` of a preconditioning, EDM), an eps model
     (blurring diffusion) or a heat model (IHDM)."""
     batch_size = config.train.batch_size
+    cooldown, total = config.optim.cooldown_images, config.train.total_images
+    if not 0 <= cooldown <= total:
+        raise ValueError(f'optim.cooldown_images={cooldown} must lie in [0, train.total_images={total}]')
     schedule = functools.partial(learning_rate, lr=config.optim.lr, batch_size=batch_size,
-                                 warmup_images=config.optim.warmup_images)
+                                 warmup_images=config.optim.warmup_images,
+                                 cooldown_images=config.optim.cooldown_images,
+                                 total_images=config.train.total_images)
     return TrainSetup(module=module, make_model=make_model, loss_fn=loss_fn, lr_schedule=schedule,
                       optimizer=make_optimizer(config.optim), batch_size=batch_size,
                       ema_halflife_images=config.ema.halflife_images, ema_rampup_ratio=config.ema.rampup_ratio,

@@ -182,6 +182,21 @@ def test_digits_report_and_json(tmp_path):
     assert 'digits Frechet distance' in log and 'Wrote' in log
 
 
+def test_a_second_evaluation_of_a_step_does_not_overwrite_the_first(tmp_path):
+    config = edm.get_config()
+    config.eval.num_samples, config.eval.batch_size = 32, 32
+    real = data.load_embedded('digits')[0]
+    reports = []
+    for shift in (0, 500, 1000):  # three evaluations of step 7 with different samples
+        sample_fn = lambda num, seed, shift=shift: real[shift + seed:shift + seed + num]
+        reports.append(scoring.evaluate_samples(config, sample_fn, step=7, workdir=tmp_path, log=Lines()))
+    names = ['eval_00000007.json', 'eval_00000007.1.json', 'eval_00000007.2.json']
+    assert sorted(p.name for p in tmp_path.glob('eval_*.json')) == sorted(names)
+    for name, report in zip(names, reports):
+        assert json.loads((tmp_path / name).read_text()) == json.loads(json.dumps(report))
+    assert len({r['fd'] for r in reports}) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference files
 

@@ -205,6 +205,29 @@ def test_learning_rate_warmup():
     np.testing.assert_allclose(train.learning_rate(jnp.int32(7), lr=1e-3, batch_size=128, warmup_images=0), 1e-3)
 
 
+def test_learning_rate_cooldown_is_linear_to_zero_at_the_end():
+    """Warm-up to 20k images, stable, then linear to 0 over the last 40k of 120k images."""
+    lr = functools.partial(train.learning_rate, lr=2e-3, batch_size=128, warmup_images=20_000,
+                           cooldown_images=40_000, total_images=120_000)
+    images = lambda step: step * 128
+    np.testing.assert_allclose(lr(50), 2e-3 * images(50) / 20_000, rtol=1e-6)      # warm-up
+    np.testing.assert_allclose(lr(400), 2e-3, rtol=1e-6)                           # 51,200: stable
+    np.testing.assert_allclose(lr(625), 2e-3, rtol=1e-6)                           # 80,000: decay starts
+    np.testing.assert_allclose(lr(781), 2e-3 * (120_000 - images(781)) / 40_000, rtol=1e-5)
+    np.testing.assert_allclose(lr(937), 2e-3 * (120_000 - images(937)) / 40_000, rtol=1e-4)  # last step
+    assert float(lr(938)) == 0.0 and float(lr(2000)) == 0.0                        # never negative
+    np.testing.assert_allclose(jax.jit(lr)(jnp.int32(781)), lr(781), rtol=1e-6)
+    # Cool-down shorter than warm-up on a tiny run: the two factors multiply.
+    short = train.learning_rate(3, lr=1.0, batch_size=1, warmup_images=4, cooldown_images=2, total_images=4)
+    np.testing.assert_allclose(short, 0.75 * 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize('cooldown', [-1, 10 ** 9])
+def test_cooldown_outside_the_run_is_a_config_error(cooldown):
+    config = tiny_config(cooldown_images=cooldown)
+    with pytest.raises(ValueError, match='optim.cooldown_images'):
+        tiny_setup(config)
+
 def test_ema_beta():
     beta = functools.partial(train.ema_beta, batch_size=128, halflife_images=20_000, rampup_ratio=0.05)
     assert float(beta(0)) == 0.0                               # EDM: ema = net after the first step
