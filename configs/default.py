@@ -91,3 +91,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     return c
+
+
+def from_preset(presets: dict, preset: str, config_file: str) -> ml_collections.ConfigDict:
+    """The shared defaults with `presets[preset]` applied (the empty name is 'digits'), or a
+    ValueError naming `config_file`'s presets; `augment_p` 0 unless the preset sets it."""
+    preset = preset or 'digits'
+    if preset not in presets:
+        raise ValueError(f'Unknown preset {preset!r} for {config_file}; choose one of {sorted(presets)}')
+    c = get_config()
+    c.preset = preset
+    c.augment_p = 0.0
+    presets[preset](c)
+    return c

@@ -107,12 +107,6 @@ PRESETS = {'digits': digits, 'cifar10': cifar10, 'cifar10_cond': cifar10_cond, '
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
-    preset = preset or 'digits'
-    if preset not in PRESETS:
-        raise ValueError(f'Unknown preset {preset!r} for configs/edm.py; choose one of {sorted(PRESETS)}')
-    c = default.get_config()
+    c = default.from_preset(PRESETS, preset, 'configs/edm.py')
     c.method = 'edm'
-    c.preset = preset
-    c.augment_p = 0.0
-    PRESETS[preset](c)
     return c

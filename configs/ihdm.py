@@ -72,13 +72,7 @@ PRESETS = {'digits': digits, 'cifar10': cifar10, 'mnist': mnist}
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
-    preset = preset or 'digits'
-    if preset not in PRESETS:
-        raise ValueError(f'Unknown preset {preset!r} for configs/ihdm.py; choose one of {sorted(PRESETS)}')
-    c = default.get_config()
-    c.preset = preset
-    c.augment_p = 0.0
-    PRESETS[preset](c)
+    c = default.from_preset(PRESETS, preset, 'configs/ihdm.py')
     c.method = 'ihdm'
     c.loss.type = 'ihdm'
     return c
