@@ -132,6 +132,14 @@ def test_unknown_process_field_and_ihdm_step_count_are_config_errors(tmp_path):
         runner.prepare(config, tmp_path)
 
 
+@pytest.mark.parametrize('module, method', [(blurring, 'blurring'), (ihdm_config, 'ihdm')])
+def test_the_empty_preset_is_digits_and_an_unknown_one_names_the_file(module, method):
+    config = module.get_config('')
+    assert (config.preset, config.method, config.data.name) == ('digits', method, 'digits')
+    with pytest.raises(ValueError, match=rf"Unknown preset 'cifar100' for configs/{module.__name__.split('.')[-1]}\.py"):
+        module.get_config('cifar100')
+
+
 @pytest.mark.parametrize('module, preset', [(blurring, p) for p in blurring.PRESETS]
                          + [(ihdm_config, p) for p in ihdm_config.PRESETS])
 def test_every_preset_builds_its_network_loss_and_sampler(module, preset):
