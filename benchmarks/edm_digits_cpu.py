@@ -1,7 +1,8 @@
 """Training and sampling throughput on CPU: NVlabs/edm (PyTorch) vs jaxdiff, same network.
 
-The network is the digits DDPM++ of `configs/edm.py` (EDM's SongUNet, 8x8x1, model_channels 32,
-channel_mult [1, 2], 2 blocks, attention at 4x4, about 1.03M parameters), trained with EDM's
+The network is the issue's bar (EDM's SongUNet, 8x8x1, model_channels 32, channel_mult [1, 2],
+2 blocks, attention at 4x4, dropout 0.1, about 1.03M parameters; with `--net preset`, the digits
+preset's network of `configs/edm.py` on both sides), trained with EDM's
 loss, Adam (lr 1e-3 unless --lr) and EMA on sklearn's digits (x / 8 - 1), and sampled with EDM's
 deterministic Heun sampler (18 steps, 35 network evaluations).
 
@@ -43,9 +44,21 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jaxdiff  # noqa: E402,F401  (before jax starts: jaxdiff sets its XLA:CPU flags)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The issue's bar: EDM's SongUNet/DDPM++ at 8x8 with 1.03M parameters (two blocks per resolution,
+# dropout 0.1). `--net preset` measures both frameworks on the digits preset's network instead.
 NET_KWARGS = dict(model_type='SongUNet', model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4],
                   dropout=0.1, embedding_type='positional', encoder_type='standard', decoder_type='standard',
                   channel_mult_noise=1, resample_filter=[1, 1])
+
+
+def net_kwargs(which: str) -> dict:
+    """EDM SongUNet kwargs of the 'bar' network (NET_KWARGS) or of configs/edm.py's digits preset."""
+    if which == 'bar':
+        return dict(NET_KWARGS)
+    sys.path.insert(0, str(REPO))
+    from configs import edm as edm_config
+    kw = edm_config.get_config('digits').model.kwargs.to_dict()
+    return dict(model_type='SongUNet', **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()})
 # EDM's training loop ramps the learning rate up over `lr_rampup_kimg` and the EMA half-life with
 # the images seen; both sides use the digits preset's values (they do not change the cost).
 WARMUP_IMAGES = 20_000
@@ -143,7 +156,7 @@ def edm_worker(args) -> dict:
     batch = args.batch
     out = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'batch': batch}
 
-    net = EDMPrecond(img_resolution=8, img_channels=1, **NET_KWARGS).train().requires_grad_(True).to(device)
+    net = EDMPrecond(img_resolution=8, img_channels=1, **json.loads(args.net_kwargs)).train().requires_grad_(True).to(device)
     out['params'] = sum(p.numel() for p in net.parameters())
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     loss_fn = EDMLoss()
@@ -216,7 +229,7 @@ def run_edm(args, data_npy: str, threads: int) -> dict:
            '--data-npy', data_npy, '--steps', str(args.steps), '--warmup', str(args.warmup),
            '--repeats', '1', '--wait-quiet', str(args.wait_quiet), '--batch', str(args.batch), '--lr', str(args.lr),
            '--num-steps', str(args.num_steps), '--threads', str(threads),
-           '--sample-batches', ','.join(map(str, args.sample_batches))]
+           '--sample-batches', ','.join(map(str, args.sample_batches)), '--net-kwargs', json.dumps(net_kwargs(args.net))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f'EDM worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
@@ -230,7 +243,7 @@ class JaxBench:
     """jaxdiff's compiled training step (and sampler) for one (batch, mesh) setting, built as
     `jaxdiff.runner.run_training` builds it."""
 
-    def __init__(self, batch: int, lr: float, mesh_data: int = 1, num_steps: int = 18):
+    def __init__(self, batch: int, lr: float, mesh_data: int = 1, num_steps: int = 18, net: str = 'bar'):
         import jax
         sys.path.insert(0, str(REPO))
         from configs import edm as edm_config
@@ -238,6 +251,9 @@ class JaxBench:
 
         self.jax = jax
         config = edm_config.get_config('digits')
+        for key, value in net_kwargs(net).items():
+            if key != 'model_type':
+                config.model.kwargs[key] = tuple(value) if isinstance(value, list) else value
         config.train.batch_size = batch
         config.optim.lr = lr
         config.optim.warmup_images = WARMUP_IMAGES
@@ -295,7 +311,7 @@ def jax_worker(args) -> dict:
     import jax
     out = {'devices': len(jax.devices()), 'mesh_data': args.mesh_data, 'results': {}}
     for batch in args.train_batches:
-        bench = JaxBench(batch, args.lr, mesh_data=args.mesh_data, num_steps=args.num_steps)
+        bench = JaxBench(batch, args.lr, mesh_data=args.mesh_data, num_steps=args.num_steps, net=args.net)
         bench.train(args.warmup)
         res = {'compile_s': bench.compile_s, 'train': [], 'sample': {}}
         for _ in range(args.repeats):
@@ -357,11 +373,15 @@ def main():
                         'leave the machine idle (it is shared)')
     p.add_argument('--no-extras', action='store_true', help='skip jaxdiff batch 2x and the 2-device mesh')
     p.add_argument('--json', help='also write the raw results here')
+    p.add_argument('--net', choices=['bar', 'preset'], default='bar',
+                   help="the network both frameworks train and sample: 'bar', the issue's 1.03M-parameter "
+                        "DDPM++ (2 blocks, dropout 0.1), or 'preset', configs/edm.py's digits network")
     # Internal: subprocess workers.
     p.add_argument('--run-edm-worker', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--run-jax-worker', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--threads', type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument('--data-npy', help=argparse.SUPPRESS)
+    p.add_argument('--net-kwargs', help=argparse.SUPPRESS)
     p.add_argument('--mesh-data', type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument('--train-batches', type=int_list, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -382,7 +402,7 @@ def main():
 
     import jax
     log(f'jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} device(s); load {load_before}')
-    bench = JaxBench(args.batch, args.lr, num_steps=args.num_steps)
+    bench = JaxBench(args.batch, args.lr, num_steps=args.num_steps, net=args.net)
     jd = {'params': bench.params, 'compile_s': bench.compile_s, 'train': [], 'train_step_only': [],
           'sample_first_s': {}, 'sample': {str(sb): [] for sb in args.sample_batches}}
     log(f'jaxdiff: {bench.params} parameters; training step compiled in {bench.compile_s:.1f} s')
@@ -418,7 +438,7 @@ def main():
     extras = {}
     if not args.no_extras:
         b2 = 2 * args.batch
-        big = JaxBench(b2, args.lr, num_steps=args.num_steps)
+        big = JaxBench(b2, args.lr, num_steps=args.num_steps, net=args.net)
         big.train(args.warmup)
         extras['batch'] = {'batch': b2, 'compile_s': big.compile_s, 'train': []}
         for _ in range(args.repeats):
@@ -428,7 +448,7 @@ def main():
         del big
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), '--run-jax-worker', '--mesh-data', '2',
                '--steps', str(args.steps), '--warmup', str(args.warmup), '--repeats', str(args.repeats),
-               '--wait-quiet', str(args.wait_quiet), '--lr', str(args.lr), '--num-steps', str(args.num_steps), '--train-batches', f'{args.batch},{b2}',
+               '--wait-quiet', str(args.wait_quiet), '--lr', str(args.lr), '--num-steps', str(args.num_steps), '--train-batches', f'{args.batch},{b2}', '--net', args.net,
                '--sample-batches', ','.join(map(str, args.sample_batches))]
         env = dict(os.environ)
         env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip()
@@ -461,7 +481,8 @@ def markdown_table(results, args) -> str:
     cols = [f'EDM, {t} thread{"s" if t != "1" else ""}' for t in threads] or ['EDM']
     lines = [f"{results['cpu']}, {results['cores']} cores; load average {results['load_before']} before, "
              f"{results['load_after']} after; python {results['python']}, jax {results['jax']}"
-             + (f", torch {results['torch']}" if results['torch'] else '') + f"; {results['date']}.",
+             + (f", torch {results['torch']}" if results['torch'] else '') + f"; {results['date']}; "
+             f"network: --net {args.net}.",
              '',
              f"Images/s, median (min-max) of {args.repeats} repeats ({args.steps} training steps each after "
              f"{args.warmup} warm-up steps; sampling: {args.num_steps} Heun steps, {2 * args.num_steps - 1} "

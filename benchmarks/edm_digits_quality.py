@@ -13,7 +13,7 @@ run of k images ends with.
     python benchmarks/edm_digits_quality.py --framework edm --edm /tmp/edm --torch-python /tmp/torchenv/bin/python
 
 EDM runs `training.networks.EDMPrecond` with the network of `edm_digits_cpu.NET_KWARGS` (the
-digits preset's DDPM++, 1.03M parameters), `training.loss.EDMLoss`, Adam and EDM's EMA, as its
+issue's bar: DDPM++ with 2 blocks per resolution and dropout 0.1, 1.03M parameters), `training.loss.EDMLoss`, Adam and EDM's EMA, as its
 training loop does (see edm_digits_cpu.py), with --edm-lr (default 1e-3, the issue's bar),
 --edm-warmup images (default 10k: EDM's own 10M would keep the learning rate near zero) and EDM's
 default EMA (half-life 500k images ramped up at 0.05 of the images seen). Its sampler is EDM's

@@ -6,8 +6,8 @@ paper's ancestral sampler or, new in jaxdiff, the probability-flow ODE in scaled
 frequency (`sample.solver`: ancestral | euler (DDIM) | heun | exp_heun; see
 `jaxdiff/process_samplers.py`). `process.sigma_blur_max = 0` is the plain cosine-logSNR diffusion.
 
-  (default)  the embedded sklearn digits, 8x8, the EDM digits preset's DDPM++ (1M parameters),
-             ancestral sampling with T = 100: trains, samples and scores on 2 CPU cores.
+  (default)  the embedded sklearn digits, 8x8, the EDM digits preset's DDPM++ (0.75M parameters)
+             and budget (200k images), ancestral sampling with T = 100: trains, samples and scores on 2 CPU cores.
              sigma_blur_max = 5: the paper's 20 at 32 px scaled with the image side, so that
              frequency (i, j) sees the same dissipation exp(-(pi i / N)^2 sigma^2 / 2) relative to
              the image (the blur width is in pixels).
@@ -29,11 +29,11 @@ def _process(sigma_blur_max):
 def digits(c):
     edm.digits(c)  # data, network, optimiser, EMA and budget of the EDM digits preset
     c.process = _process(5.0)
-    # The paper's ancestral sampler by default. The deterministic ODE samplers need the low-SNR
-    # cutoff with a trained eps network (process_samplers.LowSNRCutoff): without it 40-100
-    # exp_heun or Euler steps give checkerboard high frequencies (digits FD 78-99 at 256 samples);
-    # with it exp_heun gives FD 24-25 at 20, 40 and 80 steps (39-159 evaluations), against 17 for
-    # ancestral T = 100 (100 evaluations). Try --config.sample.solver=exp_heun --config.sample.num_steps=20.
+    # The paper's ancestral sampler by default: digits FD 6.4 at 1,024 samples (100 evaluations).
+    # The deterministic ODE samplers need the low-SNR cutoff with a trained eps network
+    # (process_samplers.LowSNRCutoff): without it they gave checkerboard high frequencies (FD
+    # 78-99); with it exp_heun gives FD 8.1 at 20 steps (39 evaluations) and 11.5 at 10 (19).
+    # Try --config.sample.solver=exp_heun --config.sample.num_steps=20 (benchmarks/RESULTS.md §4).
     c.sample.solver = 'ancestral'
     c.sample.num_steps = 100
     c.sample.spacing = 'uniform'

@@ -1,7 +1,7 @@
 """EDM (Karras et al. 2022) training presets: `--config=configs/edm.py` or `configs/edm.py:<preset>`.
 
-  (default)    DDPM++ (1M parameters) on the embedded sklearn digits, 8x8: trains, samples and
-               scores on 2 CPU cores in under 10 minutes.
+  (default)    DDPM++ (0.75M parameters) on the embedded sklearn digits, 8x8: trains on 200k
+               images, samples and scores on 2 CPU cores in about 8 minutes.
   cifar10      the paper's unconditional CIFAR-10 setting (EDM preconditioning and loss, DDPM++).
   cifar10_cond the same, class-conditional.
   ffhq64       FFHQ 64x64, DDPM++ (paper: 40-step Heun sampling, 79 evaluations).
@@ -35,9 +35,12 @@ def _ddpmpp(model_channels, channel_mult, dropout, attn_resolutions=(16,), num_b
 
 def digits(c):
     c.data.name, c.data.resolution, c.data.channels = 'digits', 8, 1
-    c.model.kwargs = _ddpmpp(32, (1, 2), dropout=0.1, attn_resolutions=(4,), num_blocks=2)
+    # One block per resolution and no dropout: 0.75M parameters at about 510 images/s on 2 CPU
+    # cores, against 1.03M at about 330 with two blocks and EDM's dropout 0.1; per second of
+    # training this reaches a better Frechet distance (benchmarks/RESULTS.md, section 7).
+    c.model.kwargs = _ddpmpp(32, (1, 2), dropout=0.0, attn_resolutions=(4,), num_blocks=1)
     c.train.batch_size = 128
-    c.train.total_images = 120_000
+    c.train.total_images = 200_000
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 500
     c.optim.lr = 2e-3
