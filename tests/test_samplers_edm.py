@@ -90,8 +90,12 @@ def check_run(ref, run, precision, driver='steps'):
     dtype = np.float32 if precision == 'f32' else np.float64
     cfg = run_config(run)
     denoise = denoiser_for(ref, run['precond'], dtype)
+    # VP steps or schedule: jaxdiff's sigma(t) uses expm1 where EDM's code computes exp(.) - 1,
+    # which loses about 1e-11 (relative, float64) near t = epsilon_s (EDM gives sigma_min = 0.002
+    # as 0.0019999999999732, jaxdiff as 0.002000000000000003); schedules' float32 test shows why.
+    rtol = 1e-6 if cfg.discretization == 'iddpm' else 1e-10 if 'vp' in (cfg.discretization, cfg.schedule) else 1e-12
     np.testing.assert_allclose(evaluation_sigmas(cfg, denoise), ref[f'{precision}/sampler/{run["run"]}/call_sigma'],
-                               rtol=1e-6 if cfg.discretization == 'iddpm' else 1e-12)
+                               rtol=rtol)
     labels = jnp.asarray(ref['inputs/class_labels'], dtype) if 'inputs/class_labels' in ref else None
     latents = jnp.asarray(ref.nhwc('sampler_inputs/latents'), dtype)
     step_noise = jnp.asarray(ref.nhwc('sampler_inputs/step_noise'), dtype)
