@@ -49,21 +49,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NET_KWARGS = dict(model_type='SongUNet', model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4],
                   dropout=0.1, embedding_type='positional', encoder_type='standard', decoder_type='standard',
                   channel_mult_noise=1, resample_filter=[1, 1])
+# EDM's training loop ramps the learning rate up over `lr_rampup_kimg` and the EMA half-life with
+# the images seen; both sides use the digits preset's values (they do not change the cost).
+WARMUP_IMAGES = 20_000
+EMA_HALFLIFE_IMAGES = 20_000
+EMA_RAMPUP = 0.05
 
 
 def net_kwargs(which: str) -> dict:
     """EDM SongUNet kwargs of the 'bar' network (NET_KWARGS) or of configs/edm.py's digits preset."""
     if which == 'bar':
         return dict(NET_KWARGS)
-    sys.path.insert(0, str(REPO))
     from configs import edm as edm_config
     kw = edm_config.get_config('digits').model.kwargs.to_dict()
     return dict(model_type='SongUNet', **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()})
-# EDM's training loop ramps the learning rate up over `lr_rampup_kimg` and the EMA half-life with
-# the images seen; both sides use the digits preset's values (they do not change the cost).
-WARMUP_IMAGES = 20_000
-EMA_HALFLIFE_IMAGES = 20_000
-EMA_RAMPUP = 0.05
 
 
 def load_digits_nhwc() -> np.ndarray:
@@ -251,9 +250,10 @@ class JaxBench:
 
         self.jax = jax
         config = edm_config.get_config('digits')
-        for key, value in net_kwargs(net).items():
-            if key != 'model_type':
-                config.model.kwargs[key] = tuple(value) if isinstance(value, list) else value
+        if net == 'bar':  # else the preset's network, as it is
+            for key, value in NET_KWARGS.items():
+                if key != 'model_type':
+                    config.model.kwargs[key] = tuple(value) if isinstance(value, list) else value
         config.train.batch_size = batch
         config.optim.lr = lr
         config.optim.warmup_images = WARMUP_IMAGES

@@ -170,9 +170,9 @@ def build_sampling(config, prior_images=None) -> Sampling:
         if s.solver not in PROCESS_SOLVERS:
             raise ValueError(f'sample.solver must be one of {PROCESS_SOLVERS} for method blurring, got {s.solver!r}')
         spacing = s.get('spacing', 'uniform')
-        cutoff = s.get('low_snr_cutoff', None)
         if spacing not in process_samplers.SPACINGS:
             raise ValueError(f'sample.spacing must be one of {process_samplers.SPACINGS}, got {spacing!r}')
+        cutoff = s.get('low_snr_cutoff', None)
 
         def draw(module, params, keys, labels, image_shape):
             model = precond.make_eps_model(module, params)

@@ -91,9 +91,8 @@ def make_setup(config, module, make_model, loss_fn) -> TrainSetup:
     if not 0 <= cooldown <= total:
         raise ValueError(f'optim.cooldown_images={cooldown} must lie in [0, train.total_images={total}]')
     schedule = functools.partial(learning_rate, lr=config.optim.lr, batch_size=batch_size,
-                                 warmup_images=config.optim.warmup_images,
-                                 cooldown_images=config.optim.cooldown_images,
-                                 total_images=config.train.total_images)
+                                 warmup_images=config.optim.warmup_images, cooldown_images=cooldown,
+                                 total_images=total)
     return TrainSetup(module=module, make_model=make_model, loss_fn=loss_fn, lr_schedule=schedule,
                       optimizer=make_optimizer(config.optim), batch_size=batch_size,
                       ema_halflife_images=config.ema.halflife_images, ema_rampup_ratio=config.ema.rampup_ratio,

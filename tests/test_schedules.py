@@ -62,7 +62,6 @@ def test_vp_sigma_inverse_and_derivative(t):
     assert schedules.vp_sigma_deriv(t) == pytest.approx(numeric, rel=1e-7)
 
 
-
 def test_vp_sigma_is_accurate_in_float32_near_t_zero():
     """At t = 1e-5 the exponent is 1e-6: exp(.) - 1 in float32 keeps about one significant digit
     (relative error ~5e-2 in sigma^2); expm1 keeps float32 precision. The inverse uses log1p; its
@@ -74,6 +73,7 @@ def test_vp_sigma_is_accurate_in_float32_near_t_zero():
     np.testing.assert_allclose(got, exact, rtol=1e-6)
     back = np.asarray(schedules.vp_sigma_inv(jnp.asarray(exact, jnp.float32)))
     np.testing.assert_allclose(back, t64, rtol=1e-4)
+
 
 @pytest.mark.parametrize('t', [1e-3, 0.7, 400.0])
 def test_ve_sigma_inverse_and_derivative(t):
