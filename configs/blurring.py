@@ -29,6 +29,7 @@ def _process(sigma_blur_max):
 def digits(c):
     edm.digits(c)  # data, network, optimiser, EMA and budget of the EDM digits preset
     c.process = _process(5.0)
+    c.ema.halflife_images, c.ema.rampup_ratio = 20_000, 0.05  # the EMA its digits figures were measured with
     # The paper's ancestral sampler by default: digits FD 6.4 at 1,024 samples (100 evaluations).
     # The deterministic ODE samplers need the low-SNR cutoff with a trained eps network
     # (process_samplers.LowSNRCutoff): without it they gave checkerboard high frequencies (FD

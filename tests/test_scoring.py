@@ -106,6 +106,7 @@ def test_seed_sets_seeds_and_per_set_figures(tmp_path, stand_in):
     scoring.save_reference(tmp_path / 'ref.npz', mu, sigma, network='inception')
     config = faces_config(num_samples=n, seed=5, seed_sets=sets, batch_size=16, metrics=('fd', 'is'),
                           ref=str(tmp_path / 'ref.npz'))
+    config.sample.S_max = float('inf')  # non-finite config values are recorded as strings
     calls = []
     stand_in.batch_sizes.clear()
     result = scoring.evaluate_samples(config, faces_sampler(calls), step=3, workdir=tmp_path)
