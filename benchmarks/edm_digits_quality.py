@@ -1,9 +1,11 @@
 """Sample quality against training images and seconds on the digits: NVlabs/edm (PyTorch) vs jaxdiff.
 
 One training run per framework, with snapshots: at each image count of --snapshots the EMA
-network draws 1,024 samples with EDM's deterministic 18-step Heun sampler (seeds 0..1023) and
-they are scored by jaxdiff's digits report (Fréchet distance of the project's digits-classifier
-features against all 1,797 digits, its real-vs-real floor, class balance). Training seconds
+network draws --seed-sets sets of 1,024 samples (seeds 0..1023, 1024..2047, ...) with each
+--sampler (default: EDM's deterministic 18 Heun steps for EDM, the preset's sampler for jaxdiff)
+and they are scored by jaxdiff's digits report (Fréchet distance of the project's
+digits-classifier features against all 1,797 digits, its real-vs-real floor, class balance),
+the figures averaged over the sets. Training seconds
 exclude sampling, scoring and jaxdiff's one-time compilation (reported separately). Warm-up and
 EMA are defined in images, independent of the run length, so a snapshot at k images is what a
 run of k images ends with.
@@ -89,21 +91,31 @@ def edm_worker(args) -> dict:
                 for p_ema, p_net in zip(ema.parameters(), net.parameters()):
                     p_ema.copy_(p_net.detach().lerp(p_ema, beta))
         train_seconds += m.seconds
-        snap = {'images': nimg, 'train_seconds': train_seconds, 'other': m.other, 'samplers': []}
-        for spec in args.samplers or ['num_steps=18']:
-            with cpu.Meter() as ms, torch.no_grad():
-                samples = []
-                for lo in range(0, NUM_SAMPLES * args.seed_sets, 256):
-                    gen = torch.Generator().manual_seed(lo)  # EDM's sampler draws its churn noise from torch's global generator.
-                    latents = torch.randn([256, 1, 8, 8], generator=gen)
-                    samples.append(edm_sampler(ema, latents, None, **sampler_kwargs(spec)))
-                samples = torch.cat(samples).permute(0, 2, 3, 1).numpy()
-            path = os.path.join(args.out_dir, f'edm_{nimg}_{len(snap["samplers"])}.npy')
-            np.save(path, samples)
-            snap['samplers'].append({'sampler': spec, 'sample_seconds': ms.seconds, 'samples': path})
-        out['snapshots'].append(snap)
+
+        @torch.no_grad()
+        def draw(spec):
+            samples = []
+            for lo in range(0, NUM_SAMPLES * args.seed_sets, 256):
+                # Latents from seed lo; the churn noise comes from torch's global generator.
+                latents = torch.randn([256, 1, 8, 8], generator=torch.Generator().manual_seed(lo))
+                samples.append(edm_sampler(ema, latents, None, **sampler_kwargs(spec)))
+            return torch.cat(samples).permute(0, 2, 3, 1).numpy()
+        out['snapshots'].append(snapshot(args, 'edm', nimg, train_seconds, m.other, args.samplers or ['num_steps=18'], draw))
         print(f'EDM {nimg} images: {train_seconds:.0f} s training', file=sys.stderr, flush=True)
     return out
+
+
+def snapshot(args, framework, nimg, train_seconds, other, specs, draw) -> dict:
+    """One snapshot's record: for each sampler spec, the samples `draw(spec)` returns (saved for
+    `score`) and the seconds they took."""
+    snap = {'images': nimg, 'train_seconds': train_seconds, 'other': other, 'samplers': []}
+    for i, spec in enumerate(specs):
+        with cpu.Meter() as ms:
+            samples = draw(spec)
+        path = os.path.join(args.out_dir, f'{framework}_{nimg}_{i}.npy')
+        np.save(path, samples)
+        snap['samplers'].append({'sampler': spec, 'sample_seconds': ms.seconds, 'samples': path})
+    return snap
 
 
 def jaxdiff_run(args) -> dict:
@@ -147,16 +159,12 @@ def jaxdiff_run(args) -> dict:
                 nimg += batch
             jax.block_until_ready(state)
         train_seconds += m.seconds
-        snap = {'images': nimg, 'train_seconds': train_seconds, 'other': m.other, 'samplers': []}
-        for spec in args.samplers or ['preset']:
+
+        def draw(spec):
             sampler = builders.build_sampler(config) if spec == 'preset' else samplers.Sampler(**sampler_kwargs(spec))
-            with cpu.Meter() as ms:
-                samples = generate.sample_images(module, state.ema_params, precond, sampler, NUM_SAMPLES * args.seed_sets,
-                                                 image_shape=(8, 8, 1), seed=0, batch_size=256)
-            path = os.path.join(args.out_dir, f'jaxdiff_{nimg}_{len(snap["samplers"])}.npy')
-            np.save(path, samples)
-            snap['samplers'].append({'sampler': spec, 'sample_seconds': ms.seconds, 'samples': path})
-        out['snapshots'].append(snap)
+            return generate.sample_images(module, state.ema_params, precond, sampler, NUM_SAMPLES * args.seed_sets,
+                                          image_shape=(8, 8, 1), seed=0, batch_size=256)
+        out['snapshots'].append(snapshot(args, 'jaxdiff', nimg, train_seconds, m.other, args.samplers or ['preset'], draw))
         print(f'jaxdiff {nimg} images: {train_seconds:.0f} s training (+{out["compile_seconds"]:.0f} s compile)',
               file=sys.stderr, flush=True)
     return out
@@ -171,7 +179,8 @@ def score(result) -> None:
             samples = np.clip(np.load(entry.pop('samples')), -1, 1)
             reports = [evaluate.digits_report(samples[lo:lo + NUM_SAMPLES], real, seed=0)
                        for lo in range(0, len(samples), NUM_SAMPLES)]
-            entry.update(fds=[r['fd'] for r in reports], fd=float(np.mean([r['fd'] for r in reports])),
+            fds = [r['fd'] for r in reports]
+            entry.update(fds=fds, fd=float(np.mean(fds)),
                          fd_floor=reports[0]['fd_floor'],
                          class_balance=float(np.mean([r['class_balance'] for r in reports])),
                          mean_confidence=float(np.mean([r['mean_confidence'] for r in reports])))
