@@ -42,6 +42,15 @@ def run(net: SongUNet, params, *args, train=False, rngs=None):
     return compiled_apply(net, params, *args, train=train, rngs=rngs)(params, args, rngs)
 
 
+# Two programs that compute the same function (train vs eval mode, dropped vs zero vs missing
+# labels, another batch row) may round differently: XLA vectorises, fuses and contracts
+# multiply-adds per program and per CPU (seen: 8e-7 absolute between two rows of one batch on an
+# AVX2 CPU). Each of the tiny net's ~40 layers adds a few float32 roundings (2^-24 = 6e-8) of
+# its output's scale, so 1e-5 of the output's maximum (about 170 roundings) bounds that, while
+# a label that leaks through changes the output by more than 1e-2 (checked in `tiny`).
+SAME_FUNCTION_TOL = 1e-5
+
+
 def rel_err(out, ref) -> float:
     """max |out - ref| / max |ref|."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
@@ -258,15 +267,15 @@ def test_label_dropout_one_in_train_mode_equals_zero_labels(tiny):
     out = run(net, tiny['params'], np.concatenate([x, x]), np.concatenate([noise, noise]),
               np.concatenate([labels, 0 * labels]), train=True, rngs={'dropout': jax.random.key(1)})
     dropped, zero = np.split(np.asarray(out), 2)
-    np.testing.assert_array_equal(dropped, zero)
-    assert rel_err(dropped, tiny['zero']) <= 1e-6  # The eval-mode output with zero labels.
+    assert rel_err(dropped, zero) <= SAME_FUNCTION_TOL
+    assert rel_err(dropped, tiny['zero']) <= SAME_FUNCTION_TOL  # The eval-mode output with zero labels.
 
 
 def test_label_dropout_drops_whole_label_vectors(tiny):
     net = SongUNet(**COND, label_dropout=0.5)
     out = np.asarray(run(net, tiny['params'], tiny['x'], tiny['noise'], tiny['labels'], train=True,
                          rngs={'dropout': jax.random.key(3)}))
-    atol = 1e-6 * np.abs(tiny['zero']).max()
+    atol = SAME_FUNCTION_TOL * np.abs(tiny['zero']).max()
     is_kept = np.all(np.isclose(out, tiny['labelled'], rtol=0, atol=atol), axis=(1, 2, 3))
     is_zero = np.all(np.isclose(out, tiny['zero'], rtol=0, atol=atol), axis=(1, 2, 3))
     assert np.all(is_kept ^ is_zero) and is_kept.any() and is_zero.any(), (is_kept, is_zero)
@@ -274,7 +283,7 @@ def test_label_dropout_drops_whole_label_vectors(tiny):
 
 def test_missing_class_labels_count_as_zero_labels(tiny):
     out = run(SongUNet(**COND), tiny['params'], tiny['x'], tiny['noise'], None)
-    assert rel_err(out, tiny['zero']) <= 1e-6
+    assert rel_err(out, tiny['zero']) <= SAME_FUNCTION_TOL
 
 
 def test_dropout_is_active_only_in_train_mode(tiny):
