@@ -50,6 +50,7 @@ def tiny_ihdm():
     return c
 
 
+@pytest.mark.slow  # End to end (about 20 s each on 2 cores); the pieces are checked below by default.
 @pytest.mark.parametrize('make_config', [tiny_blurring, tiny_ihdm], ids=['blurring', 'ihdm'])
 def test_method_trains_samples_and_scores_through_the_runner(make_config, tmp_path):
     config = make_config()

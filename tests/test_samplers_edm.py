@@ -1,6 +1,8 @@
 """Every sampler run recorded with NVlabs/edm's generate.py, reproduced with jaxdiff: converted
 weights -> Denoiser -> the sampler's step table and step function with EDM's latents and per-step
-noise (and the compiled `samplers.sample` end to end; every run of it under `-m slow`).
+noise (and the compiled `samplers.sample` end to end; every run of it under `-m slow`). The
+default suite covers every recorded run once (DEFAULT_STEP_NETS); `-m slow` repeats them on
+every network.
 
 float32 runs against EDM's float32 network (its sampler state is float64): <= 1e-4 relative
 (see F32_TOLERANCE for the one ill-conditioned case). float64 runs against EDM's all-float64
@@ -25,6 +27,18 @@ F64_TOLERANCE = {'iddpm_discretization': 1e-5, 'default': 1e-9}
 # its float64 run only to ~1e-3, ../shared/refs/edm/README.md). Two float32 implementations
 # cannot agree better; the float64 runs of the same sampler agree to 1e-9.
 F32_TOLERANCE = {('ncsnpp', 'vp'): 3e-3, 'default': 1e-4}
+# The default suite runs every recorded sampler and preconditioning once: all runs on DDPM++
+# (every sampler of EDM's design space with the EDM, VP and VE preconditionings) and on ADM with
+# iDDPM preconditioning (the iddpm runs); the compiled driver on a conditional and an iDDPM net.
+# The same runs on the other networks (whose forward passes tests/nets checks against EDM) are
+# `pytest -m slow`.
+DEFAULT_STEP_NETS = ('ddpmpp', 'adm_iddpm')
+DEFAULT_COMPILED_NETS = ('ddpmpp_cond', 'adm_iddpm')
+
+
+def nets_in_default(default):
+    """EDM_NETS as pytest params, those not in `default` marked slow."""
+    return [net if net in default else pytest.param(net, marks=pytest.mark.slow) for net in EDM_NETS]
 
 
 def f32_tolerance(net, run):
@@ -111,7 +125,7 @@ def runs(ref):
     return {run['run']: run for run in ref.meta['sampler_runs']}
 
 
-@pytest.mark.parametrize('net', EDM_NETS)
+@pytest.mark.parametrize('net', nets_in_default(DEFAULT_STEP_NETS))
 def test_sampler_runs_match_edm_float32(edm_refs, net):
     ref = edm_refs(net)
     errors = {name: check_run(ref, run, 'f32') for name, run in runs(ref).items()}
@@ -131,7 +145,7 @@ def test_sampler_runs_match_edm_float64(edm_refs, net):
         assert errors[name] <= F64_TOLERANCE[kind], errors
 
 
-@pytest.mark.parametrize('net', EDM_NETS)
+@pytest.mark.parametrize('net', nets_in_default(DEFAULT_COMPILED_NETS))
 def test_compiled_sampler_matches_edm_float32(edm_refs, net):
     """`samplers.sample` end to end (lax.scan, injected noise) on the first recorded run of each
     network: EDM's stochastic run where there is one, else its deterministic one."""
