@@ -1,50 +1,48 @@
 """Speed of jaxdiff's compiled training step and EDM sampler, per network x dtype (issue 15).
 
-Each case (a network preset of configs/edm.py at one compute dtype) runs on whatever devices JAX
-sees, data-parallel over a ('data', 'fsdp') mesh of all local devices as the launcher builds it,
-on a fixed synthetic batch (no data pipeline: grain/TFDS are not needed), and records:
+Each case (a network preset of configs/edm.py at one compute dtype) runs in a fresh process of
+its own, on every device JAX sees (data-parallel over the launcher's ('data', 'fsdp') mesh), on a
+fixed synthetic batch (no data pipeline: grain and TFDS are not needed), and records:
 
-  train    images/s of the launcher's step (train.make_setup, init_state, compile_train_step with
-           parallel's shardings, EDM's loss from builders.build_loss): lowering and compilation
-           timed apart (jit(...).lower(...).compile()), the first call apart, `--warmup` untimed
-           steps, then the median of `--windows` windows of `--steps` steps (block_until_ready
-           at each window's end); FLOPs per step from XLA's cost analysis of the compiled step
-           (per device, times the devices; the lowered program's count where the compiled one
-           has none), achieved TFLOP/s, and their fraction of a MEASURED peak: the best rate of
-           a large jnp.matmul in the case's dtype on one device, times the devices.
-  sample   images/s of EDM's deterministic Heun sampler, 18 steps = 35 network evaluations
-           (builders.build_sampling's draw, i.e. samplers.sample's lax.scan), compiled apart, and
-  forward  images/s of one denoiser call at the same batch: sample img/s x 35 / forward img/s is
-           what the sampler loop keeps of the bare network rate (1.0: the scan costs nothing).
-           The sampler's FLOPs are the forward's x 35 (XLA's cost analysis counts a loop body once).
-  memory   XLA's estimate for the compiled train step (temp + arguments + outputs - donated,
-           aliased bytes) and, where the device reports it, the allocator's peak bytes in use
-           (process-wide: the peak over this case and the ones before it).
+  train    img/s of the launcher's step (train.make_setup, init_state, compile_train_step with
+           parallel's shardings, EDM's loss from builders.build_loss): lowering, compilation
+           (jit(...).lower(...).compile()) and the first call timed apart, `--warmup` untimed
+           steps, then the median of `--windows` windows of `--steps` steps, each ended by
+           block_until_ready; FLOPs per step from XLA's cost analysis (the compiled program's
+           per-device count x devices, else the lowered program's), achieved TFLOP/s and its
+           fraction of a MEASURED peak: the best rate of an n^3 jnp.matmul in the case's dtype
+           on one device (--peak-n, 8192; 1024 on CPU), x devices.
+  sample   img/s of EDM's deterministic Heun sampler, 18 steps = 35 network evaluations (the
+           launcher's builders.build_sampling draw: samplers.sample's lax.scan), compiled apart;
+  forward  img/s of one denoiser call at the same batch: `35 x sample / forward` is the share of
+           the bare network rate the sampler loop keeps (1.0: the scan costs nothing). Sampler
+           FLOPs are the forward's x 35 (XLA's cost analysis counts a loop body once).
+  memory   XLA's estimate for the train step (temp + arguments + outputs - donated bytes) and,
+           where the device reports it, the allocator's peak bytes in use during the case.
 
-    python benchmarks/speed.py --quick                      # CPU smoke test, about a minute on 2 cores
+    python benchmarks/speed.py --quick                  # CPU smoke run (digits + a small CIFAR net)
     python benchmarks/speed.py --cases cifar10:bfloat16,imagenet64 --batch imagenet64=128 --time-budget 400
-    bash benchmarks/gpu.sh [EDM_CHECKOUT]                   # the prepared GPU run (see that file)
+    bash benchmarks/gpu.sh [EDM_CHECKOUT]               # the prepared GPU run
 
-`--cases` lists cases in the order to run them: `name` (every dtype of --dtypes) or `name:dtype`.
-One JSON row per case is appended to --out (flushed after each, so a killed run keeps what
-finished) and the markdown table is rewritten to --md after each; a failing case writes an error
-row, and once --time-budget seconds have passed the remaining cases write 'skipped' rows.
+`--cases` lists the cases in the order to run them: `name` (each dtype of --dtypes) or
+`name:dtype`. One JSON row per case is appended to --out as it finishes, and the markdown table of
+the rows so far is rewritten to --md; a failing case (an exception, a crash, out of memory) writes
+an error row and the next one runs; once --time-budget seconds have passed, the cases not yet
+started write 'skipped' rows, and a running one is stopped 120 s past the budget.
 
-`--vs-edm PATH` also runs NVlabs/edm's own code from that checkout (EDMPrecond over its SongUNet or
-DhariwalUNet, EDMLoss, Adam, EMA lerp, its generate.edm_sampler) on the same network, batch and
-device, in a subprocess of `--torch-python` (this file with --run-edm-worker; it imports torch and
-EDM, never jax), right after the last jaxdiff case of that network: float32 as EDM's training loop
-runs it (TF32 off), and bfloat16's counterpart is EDM's mixed precision, `use_fp16=True` (float16,
-CUDA only). EDM's code is under its own non-commercial licence; nothing of it is copied here.
+`--vs-edm PATH` also times NVlabs/edm's own code from that checkout on the same network, batch and
+device (benchmarks/speed_edm.py, under --torch-python), right after the last jaxdiff case of that
+network, and prints jaxdiff/EDM ratios; without torch or the checkout its row says so.
 
-GPU: jaxdiff/__init__.py appends an XLA:CPU flag to XLA_FLAGS that another jaxlib may not know;
-this script keeps XLA_FLAGS untouched (JAXDIFF_KEEP_XLA_FLAGS=1) when it sees an NVIDIA driver, and
-benchmarks/gpu.sh sets it too. configs/edm.py needs ml_collections (gpu.sh installs a carried wheel).
+GPU: jaxdiff/__init__.py appends an XLA:CPU flag to XLA_FLAGS that another jaxlib may not know,
+so this script keeps XLA_FLAGS as they are (JAXDIFF_KEEP_XLA_FLAGS=1) where it sees an NVIDIA
+driver; benchmarks/gpu.sh sets it too. configs/edm.py needs ml_collections.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -64,6 +62,7 @@ from edm_digits_cpu import Meter, cpu_model, load_average  # noqa: E402  (import
 
 NUM_STEPS = 18  # EDM's deterministic Heun sampler: 18 steps, 2 * 18 - 1 = 35 network evaluations
 NUM_EVALS = 2 * NUM_STEPS - 1
+OVERRUN_S = 120  # how far past --time-budget a started case may run before it is stopped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +77,18 @@ class Case:
 
 CASES = {
     'cifar10': Case('cifar10', 512, 'DDPM++ CIFAR-10 32x32'),
-    # The preset's batch is 4096 (32 GPUs in EDM); 256 fits one GPU. --batch imagenet64=N changes it.
-    'imagenet64': Case('imagenet64', 256, 'ADM ImageNet-64, class-conditional', label_dim=1000),
+    # The preset's batch is 4096, 128 per GPU on EDM's 32 GPUs. XLA:CPU's memory analysis of the
+    # bfloat16 step: 128 GiB at batch 128, 249 GiB at 256 (GPUs keep bfloat16 activations, CPUs
+    # mostly float32: expect well under that at 128, too much at 256 for one 141 GB H200).
+    'imagenet64': Case('imagenet64', 128, 'ADM ImageNet-64, class-conditional', label_dim=1000),
     'digits': Case('digits', 128, 'DDPM++ digits 8x8 (the default preset)'),
-    # --quick: CIFAR-10's data shape through a small DDPM++, so CPU can compile and run it.
-    'cifar10-small': Case('cifar10', 8, 'DDPM++ CIFAR-10 32x32, shrunken (quick)',
+    # --quick: CIFAR-10's data shape through a small DDPM++ (16 channels, one block per level).
+    'cifar10-small': Case('cifar10', 8, 'DDPM++ CIFAR-10 32x32, shrunken',
                           model_kwargs=(('model_channels', 16), ('channel_mult', (1, 2)), ('num_blocks', 1))),
 }
 QUICK = dict(cases='digits:float32,cifar10-small:float32', batch='digits=64', steps=3, windows=2, warmup=1,
              sample_windows=1, peak_n=1024)
+DEFAULTS = dict(cases='cifar10,imagenet64,digits', steps=20, windows=3, warmup=3, sample_windows=3)
 
 
 def case_config(case: Case, dtype: str, batch: int):
@@ -313,44 +315,109 @@ def bench_sample(config, case: Case, mesh, module, params, batch: int, args) -> 
                 scan_ratio=sample_img_s * NUM_EVALS / forward_img_s)
 
 
-def environment(args) -> dict:
-    """What the figures depend on besides the code: devices, versions, CPU and its load."""
+def run_case_here(name: str, dtype: str, args) -> dict:
+    """All figures of one (case, dtype) in this process, on all its local devices."""
     import jax
-    try:
-        import jaxlib
-        jaxlib_version = jaxlib.__version__
-    except (ImportError, AttributeError):
-        jaxlib_version = None
-    devices = jax.devices()
-    return dict(device_kind=devices[0].device_kind, platform=devices[0].platform, devices=len(devices),
-                jax=jax.__version__, jaxlib=jaxlib_version, python=platform.python_version(), cpu=cpu_model(),
-                cores=os.cpu_count(), load_average=load_average(), date=time.strftime('%Y-%m-%d %H:%M %Z'),
-                xla_flags=os.environ.get('XLA_FLAGS', ''), matmul_precision=args.matmul_precision or 'default')
-
-
-def run_jaxdiff_case(name: str, dtype: str, args) -> dict:
-    """All figures of one (case, dtype) on all local devices."""
-    import jax
+    from configs import edm as edm_config
     from jaxdiff import parallel
+    if args.matmul_precision:
+        jax.config.update('jax_default_matmul_precision', args.matmul_precision)
+    devices = jax.devices()
+    if args.peak_n is None:
+        args.peak_n = 1024 if devices[0].platform == 'cpu' else 8192
     case = CASES[name]
     batch = args.batch.get(name, case.batch)
     config = case_config(case, dtype, batch)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    from configs import edm as edm_config
-    row = dict(network=f'{config.model.type}: {case.network}', preset=case.preset, batch=batch,
+    row = dict(device_kind=devices[0].device_kind, platform=devices[0].platform, devices=len(devices),
+               network=f'{config.model.type}: {case.network}', preset=case.preset, batch=batch,
                preset_batch=edm_config.get_config(case.preset).train.batch_size)
     train_row, module, state = bench_train(config, case, mesh, args)
-    row.update(train_row)
+    row.update(train_row, device_peak_bytes=device_peak_bytes(devices))
     if dtype in args.sample_dtypes:
+        print(json.dumps(row, default=str), flush=True)  # the training figures, should the sampler not finish
         row.update(bench_sample(config, case, mesh, module, state.ema_params, args.sample_batch.get(name, batch), args))
-    row['device_peak_bytes'] = device_peak_bytes(jax.local_devices())
-    del state
-    jax.clear_caches()
+        row['device_peak_bytes'] = device_peak_bytes(devices)
     return row
 
 
 # ---------------------------------------------------------------------------------------------
-# Running the cases: one row each, written as soon as it is known.
+# The parent runs each case in a fresh process (fresh device memory; a crash or an out-of-memory
+# error costs one row) and never starts a JAX backend itself, which would hold device memory.
+
+def host_environment(args) -> dict:
+    """Versions, CPU and date, without importing jax."""
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return dict(jax=version('jax'), jaxlib=version('jaxlib'), python=platform.python_version(), cpu=cpu_model(),
+                cores=os.cpu_count(), date=time.strftime('%Y-%m-%d %H:%M %Z'), xla_flags=os.environ.get('XLA_FLAGS', ''),
+                matmul_precision=args.matmul_precision or 'default')
+
+
+def last_json_line(text) -> dict | None:
+    """The JSON object on the last line of `text` that holds one (None if no line does)."""
+    text = text.decode(errors='replace') if isinstance(text, bytes) else (text or '')
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith('{'):
+            return json.loads(line)
+    return None
+
+
+def json_subprocess(cmd: list[str], timeout: float | None, log) -> dict:
+    """Run `cmd`, pass its stderr on to `log`, and return the JSON object of its last stdout line.
+    The child prints its figures so far after each part, so that one stopped at `timeout` still
+    gives them (status 'partial')."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        log((e.stderr.decode(errors='replace') if isinstance(e.stderr, bytes) else e.stderr or '').rstrip())
+        so_far = last_json_line(e.stdout)
+        reason = f'stopped after {timeout:.0f} s (--time-budget + {OVERRUN_S} s)'
+        if so_far is None:
+            raise TimeoutError(reason) from None
+        return {**so_far, 'status': 'partial', 'reason': reason}
+    if proc.stderr.strip():
+        log(proc.stderr.rstrip())
+    if proc.returncode:
+        raise RuntimeError(f'{pathlib.Path(cmd[1]).name} exited with {proc.returncode}: {proc.stderr.strip()[-3000:]}')
+    return last_json_line(proc.stdout)
+
+
+def time_left(args) -> float | None:
+    """Seconds until a started case is stopped (None: never)."""
+    return None if args.deadline is None else max(args.deadline - time.perf_counter(), 30.0)
+
+
+def run_case_subprocess(name: str, dtype: str, args, log=print) -> dict:
+    """`run_case_here` in a fresh interpreter with this run's flags."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *args.argv, '--run-case', f'{name}:{dtype}']
+    return json_subprocess(cmd, time_left(args), log)
+
+
+def run_edm_case(name: str, dtypes: list[str], args, log=print) -> dict:
+    """EDM's train and sampling img/s for case `name` at `dtypes` (benchmarks/speed_edm.py under
+    --torch-python); status 'unavailable', with the reason, without the checkout or torch."""
+    case = CASES[name]
+    batch = args.batch.get(name, case.batch)
+    config = case_config(case, 'float32', batch)
+    checkout = pathlib.Path(args.vs_edm).expanduser()
+    if not (checkout / 'training' / 'networks.py').is_file():
+        return {'status': 'unavailable', 'reason': f'no NVlabs/edm checkout at {checkout}'}
+    python = shutil.which(args.torch_python)
+    if python is None:
+        return {'status': 'unavailable', 'reason': f'no interpreter {args.torch_python!r}'}
+    spec = dict(model_type=config.model.type, img_resolution=config.data.resolution, img_channels=config.data.channels,
+                label_dim=case.label_dim, batch=batch, sample_batch=args.sample_batch.get(name, batch), dtypes=dtypes,
+                model_kwargs={k: list(v) if isinstance(v, tuple) else v for k, v in config.model.kwargs.to_dict().items()},
+                lr=config.optim.lr, warmup_images=config.optim.warmup_images, ema_halflife_images=config.ema.halflife_images,
+                ema_rampup_ratio=config.ema.rampup_ratio, steps=args.steps, windows=args.windows, warmup=args.warmup,
+                sample_windows=args.sample_windows, num_steps=NUM_STEPS)
+    cmd = [python, str(HERE / 'speed_edm.py'), '--edm', str(checkout), '--spec', json.dumps(spec)]
+    return json_subprocess(cmd, time_left(args), log)
+
 
 def run_jobs(jobs, *, base_row: dict, out_path, md_path=None, time_budget=None, log=print) -> list[dict]:
     """Run `jobs`, a list of (fields, fn) with fn() -> more fields, in order. Each gives one row
@@ -369,7 +436,7 @@ def run_jobs(jobs, *, base_row: dict, out_path, md_path=None, time_budget=None, 
                 row.update(fn())
                 row.setdefault('status', 'ok')
             except Exception as e:  # noqa: BLE001 (one case's failure must not stop the others)
-                row.update(status='error', error=f'{type(e).__name__}: {e}'[:2000],
+                row.update(status='error', error=f'{type(e).__name__}: {e}'[:4000],
                            traceback=traceback.format_exc()[-4000:])
             row['case_seconds'] = time.perf_counter() - t0
         row['load_average_after'] = load_average()
@@ -396,53 +463,69 @@ def parse_cases(text: str, dtypes: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def plan_jobs(args) -> list[tuple[dict, object]]:
+def plan_jobs(args, log=print) -> list[tuple[dict, object]]:
     """The jaxdiff cases in --cases order; with --vs-edm, EDM's run of a network right after the
     last jaxdiff case of that network, at the same dtypes."""
     pairs, jobs = parse_cases(args.cases, args.dtypes), []
     for i, (name, dtype) in enumerate(pairs):
         jobs.append(({'kind': 'jaxdiff', 'case': name, 'dtype': dtype},
-                     lambda name=name, dtype=dtype: run_jaxdiff_case(name, dtype, args)))
+                     lambda name=name, dtype=dtype: run_case_subprocess(name, dtype, args, log)))
         if args.vs_edm and name not in [n for n, _ in pairs[i + 1:]]:
             dtypes = [d for n, d in pairs if n == name]
             jobs.append(({'kind': 'edm', 'case': name, 'dtype': ','.join(dtypes)},
-                         lambda name=name, dtypes=dtypes: run_edm_case(name, dtypes, args)))
+                         lambda name=name, dtypes=dtypes: run_edm_case(name, dtypes, args, log)))
     return jobs
 
 
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+
 def fmt(value, spec: str = '.0f', scale: float = 1.0) -> str:
     return '' if value is None else format(value / scale, spec)
-
-
-def edm_result(rows, case: str, dtype: str) -> dict:
-    """EDM's figures for (case, dtype) from an 'edm' row of `rows` ({} if none)."""
-    for r in rows:
-        if r.get('kind') == 'edm' and r.get('case') == case and r.get('status') == 'ok':
-            return r.get('results', {}).get(dtype, {})
-    return {}
 
 
 def ratio(a, b):
     return a / b if a and b else None
 
 
+def has_figures(row: dict) -> bool:
+    return row.get('status') in ('ok', 'partial')
+
+
+def why(row: dict) -> str:
+    """A non-ok row's reason, or the last line of its error (where a traceback names the cause)."""
+    lines = [line for line in (row.get('reason') or row.get('error') or '').splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else ''
+
+
+def edm_result(rows, case: str, dtype: str) -> dict:
+    """EDM's figures for (case, dtype) from an 'edm' row of `rows` ({} if none)."""
+    for r in rows:
+        if r['kind'] == 'edm' and r['case'] == case and has_figures(r):
+            return r.get('results', {}).get(dtype, {})
+    return {}
+
+
+def jaxdiff_result(rows, case: str, dtype: str) -> dict:
+    return next((r for r in rows if r['kind'] == 'jaxdiff' and r['case'] == case and r['dtype'] == dtype
+                 and has_figures(r)), {})
+
+
 def summary_line(row: dict, rows: list[dict]) -> str:
+    """One log line (or a few, for EDM) per finished row."""
     head = f"[{row['kind']}] {row['case']} {row['dtype']}: {row['status']}"
-    if row['status'] != 'ok':
-        return f"{head} ({row.get('reason') or row.get('error', '')})"
+    if not has_figures(row):
+        return f'{head} ({why(row)})'
     if row['kind'] == 'edm':
-        parts = []
-        for dtype, res in row.get('results', {}).items():
-            mine = next((r for r in rows if r['kind'] == 'jaxdiff' and r['case'] == row['case']
-                         and r['dtype'] == dtype and r['status'] == 'ok'), {})
-            parts.append(f"{dtype} ({res.get('precision')}): EDM train {fmt(res.get('train_img_s'))} img/s, sample "
-                         f"{fmt(res.get('sample_img_s'))} img/s; jaxdiff/EDM train "
-                         f"{fmt(ratio(mine.get('train_img_s'), res.get('train_img_s')), '.2f')}, sample "
-                         f"{fmt(ratio(mine.get('sample_img_s'), res.get('sample_img_s')), '.2f')}")
-        return head + '\n  ' + '\n  '.join(parts)
+        return head + ''.join(
+            f"\n  {dtype} ({res['precision']}): EDM train {fmt(res['train_img_s'])} img/s, sample "
+            f"{fmt(res['sample_img_s'])} img/s; jaxdiff/EDM train "
+            f"{fmt(ratio(jaxdiff_result(rows, row['case'], dtype).get('train_img_s'), res['train_img_s']), '.2f')}, sample "
+            f"{fmt(ratio(jaxdiff_result(rows, row['case'], dtype).get('sample_img_s'), res['sample_img_s']), '.2f')}"
+            for dtype, res in row.get('results', {}).items())
     return (f"{head}: train {fmt(row.get('train_img_s'))} img/s (compile {fmt(row.get('train_compile_s'), '.1f')} s), "
-            f"sample {fmt(row.get('sample_img_s'))} img/s, forward {fmt(row.get('forward_img_s'))} img/s, "
-            f"{fmt(row.get('train_achieved_tflops'), '.2f')} TFLOP/s = {fmt(row.get('fraction_of_peak'), '.1%')} of peak")
+            f"{fmt(row.get('train_achieved_tflops'), '.3g')} TFLOP/s = {fmt(row.get('fraction_of_peak'), '.1%')} of "
+            f"peak; sample {fmt(row.get('sample_img_s'))} img/s, forward {fmt(row.get('forward_img_s'))} img/s")
 
 
 COLUMNS = ('case', 'network', 'params', 'dtype', 'batch', 'train img/s', 'compile s (train / sampler)',
@@ -451,193 +534,40 @@ COLUMNS = ('case', 'network', 'params', 'dtype', 'batch', 'train img/s', 'compil
            'EDM train / sample img/s', 'jaxdiff / EDM (train, sample)', 'load')
 
 
+def table_cells(r: dict, rows: list[dict]) -> list[str]:
+    """The cells after `batch` of a jaxdiff row with figures."""
+    edm, gib = edm_result(rows, r['case'], r['dtype']), 2 ** 30
+    peak = r.get('peak_tflops_per_device') and r['peak_tflops_per_device'] * r.get('devices', 1)
+    return [fmt(r.get('train_img_s')), f"{fmt(r.get('train_compile_s'), '.1f')} / {fmt(r.get('sample_compile_s'), '.1f')}",
+            fmt(r.get('sample_img_s')), fmt(r.get('forward_img_s')), fmt(r.get('scan_ratio'), '.2f'),
+            fmt(r.get('train_achieved_tflops'), '.3g'), fmt(peak, '.3g'), fmt(r.get('fraction_of_peak'), '.1%'),
+            fmt((r.get('train_memory') or {}).get('total'), '.2f', gib), fmt(r.get('device_peak_bytes'), '.2f', gib),
+            f"{fmt(edm['train_img_s'])} / {fmt(edm['sample_img_s'])} ({edm['precision']})" if edm else '',
+            (f"{fmt(ratio(r.get('train_img_s'), edm['train_img_s']), '.2f')}, "
+             f"{fmt(ratio(r.get('sample_img_s'), edm['sample_img_s']), '.2f')}") if edm else '',
+            (r.get('load_average') or '').split(' ')[0]]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a markdown table, with the machine and versions above it."""
-    env = rows[0] if rows else {}
+    """The rows as a markdown table: the machine and versions above it, notes on rows that did not
+    finish and on EDM's runs below it."""
+    env = next((r for r in rows if r.get('device_kind')), rows[0] if rows else {})
     lines = [f"{env.get('device_kind')} x {env.get('devices')} ({env.get('platform')}); jax {env.get('jax')}, "
              f"jaxlib {env.get('jaxlib')}, python {env.get('python')}; CPU {env.get('cpu')}, {env.get('cores')} "
-             f"cores; matmul precision {env.get('matmul_precision')}; {env.get('date')}. Throughput is the median "
-             f"of the timing windows; peak = best rate of a large matmul in the case's dtype on one device x devices; "
-             f"XLA memory = the train step's temp + arguments + outputs - donated bytes; load = load average "
-             f"before the case.", '',
-             '| ' + ' | '.join(COLUMNS) + ' |', '|' + ' --- |' * 5 + ' ---: |' * (len(COLUMNS) - 5)]
-    gib = 2 ** 30
-    for r in rows:
-        if r['kind'] != 'jaxdiff':
-            continue
-        head = [r['case'], r.get('network', ''), fmt(r.get('params'), '.1f', 1e6) + ('M' if r.get('params') else ''),
-                r['dtype'], f"{r.get('batch', '')}" + (f" ({r['sample_batch']})" if r.get('sample_batch') not in
-                                                       (None, r.get('batch')) else '')]
-        if r['status'] != 'ok':
-            text = r.get('reason') or (r.get('error') or '').splitlines()[0][:120]
-            lines.append('| ' + ' | '.join(head + [f"{r['status']}: {text}"] + [''] * (len(COLUMNS) - 6)) + ' |')
-            continue
-        edm = edm_result(rows, r['case'], r['dtype'])
-        peak = r.get('peak_tflops_per_device') and r['peak_tflops_per_device'] * r.get('devices', 1)
-        cells = [fmt(r.get('train_img_s')),
-                 f"{fmt(r.get('train_compile_s'), '.1f')} / {fmt(r.get('sample_compile_s'), '.1f')}",
-                 fmt(r.get('sample_img_s')), fmt(r.get('forward_img_s')), fmt(r.get('scan_ratio'), '.2f'),
-                 fmt(r.get('train_achieved_tflops'), '.2f'), fmt(peak, '.1f'), fmt(r.get('fraction_of_peak'), '.1%'),
-                 fmt((r.get('train_memory') or {}).get('total'), '.2f', gib), fmt(r.get('device_peak_bytes'), '.2f', gib),
-                 f"{fmt(edm.get('train_img_s'))} / {fmt(edm.get('sample_img_s'))} ({edm['precision']})" if edm else '',
-                 (f"{fmt(ratio(r.get('train_img_s'), edm.get('train_img_s')), '.2f')}, "
-                  f"{fmt(ratio(r.get('sample_img_s'), edm.get('sample_img_s')), '.2f')}") if edm else '',
-                 (r.get('load_average') or '').split(' ')[0]]
-        lines.append('| ' + ' | '.join(head + cells) + ' |')
-    notes = [f"EDM ({r['case']}): {r['status']}: {r.get('reason') or r.get('error', '')}".splitlines()[0]
-             for r in rows if r['kind'] == 'edm' and r['status'] != 'ok']
-    notes += [f"EDM ({r['case']}): torch {r.get('torch')} on {r.get('edm_device')}"
-              + (f"; stand-ins for absent helper modules {r['stubbed_modules']}" if r.get('stubbed_modules') else '')
-              for r in rows if r['kind'] == 'edm' and r['status'] == 'ok']
-    return '\n'.join(lines + ([''] + notes if notes else [])) + '\n'
-
-
-# ---------------------------------------------------------------------------------------------
-# NVlabs/edm (PyTorch) on the same network: the parent's side, then the worker's.
-
-def run_edm_case(name: str, dtypes: list[str], args) -> dict:
-    """EDM's train and sampling img/s for case `name` at `dtypes`, from a --torch-python subprocess;
-    status 'unavailable' (with the reason) when the checkout or torch is missing."""
-    case = CASES[name]
-    batch = args.batch.get(name, case.batch)
-    config = case_config(case, 'float32', batch)
-    checkout = pathlib.Path(args.vs_edm).expanduser()
-    if not (checkout / 'training' / 'networks.py').is_file():
-        return {'status': 'unavailable', 'reason': f'no NVlabs/edm checkout at {checkout}'}
-    python = shutil.which(args.torch_python)
-    if python is None:
-        return {'status': 'unavailable', 'reason': f'no interpreter {args.torch_python!r}'}
-    spec = dict(model_type=config.model.type, img_resolution=config.data.resolution, img_channels=config.data.channels,
-                label_dim=case.label_dim, batch=batch, sample_batch=args.sample_batch.get(name, batch), dtypes=dtypes,
-                model_kwargs={k: list(v) if isinstance(v, tuple) else v for k, v in config.model.kwargs.to_dict().items()},
-                lr=config.optim.lr, warmup_images=config.optim.warmup_images, ema_halflife_images=config.ema.halflife_images,
-                ema_rampup_ratio=config.ema.rampup_ratio, steps=args.steps, windows=args.windows, warmup=args.warmup,
-                sample_windows=args.sample_windows, num_steps=NUM_STEPS)
-    timeout = None if args.deadline is None else max(args.deadline - time.perf_counter(), 60.0)
-    cmd = [python, str(pathlib.Path(__file__).resolve()), '--run-edm-worker', '--vs-edm', str(checkout),
-           '--edm-spec', json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        raise RuntimeError(f'EDM worker exited with {proc.returncode}:\n{proc.stderr[-3000:]}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-class _StandIn:
-    """Stands in for a helper package that EDM's modules import but the timed code never runs
-    (click's decorators on generate.py's CLI, tqdm, PIL, requests, distutils on Python >= 3.12):
-    applied to a function it returns the function, anything else gives another stand-in."""
-
-    def __call__(self, *args, **kwargs):
-        return args[0] if len(args) == 1 and not kwargs and callable(args[0]) else _StandIn()
-
-    def __getattr__(self, name):
-        return _StandIn()
-
-
-def stand_in_missing(names=('click', 'tqdm', 'PIL', 'PIL.Image', 'requests', 'distutils', 'distutils.util')):
-    """Put a `_StandIn` module in sys.modules for each of `names` that does not import; their names."""
-    import importlib
-    import types
-    missing = []
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            module = types.ModuleType(name)
-            module.__getattr__ = lambda attr: _StandIn()
-            sys.modules[name] = module
-            parent, _, child = name.rpartition('.')
-            if parent in sys.modules:
-                setattr(sys.modules[parent], child, module)
-            missing.append(name)
-    return missing
-
-
-def edm_worker(checkout: str, spec: dict) -> dict:
-    """Runs under the torch interpreter: EDM's code at spec's network, batch and dtypes."""
-    try:
-        import torch
-    except ImportError as e:
-        return {'status': 'unavailable', 'reason': f'no torch in {sys.executable}: {e}'}
-    stood_in = stand_in_missing()
-    sys.path.insert(0, str(pathlib.Path(checkout).resolve()))
-    from generate import edm_sampler
-    from training.loss import EDMLoss
-    from training.networks import EDMPrecond
-
-    cuda = torch.cuda.is_available()
-    # EDM's training loop's backend settings (training/training_loop.py): cuDNN autotuning, no TF32.
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    out = {'status': 'ok', 'torch': torch.__version__, 'stubbed_modules': stood_in,
-           'edm_device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
-           'results': {}}
-    for dtype in spec['dtypes']:
-        out['results'][dtype] = edm_measure(torch, EDMPrecond, EDMLoss, edm_sampler, spec, dtype, cuda)
-        if cuda:
-            torch.cuda.empty_cache()
-    return out
-
-
-def edm_measure(torch, EDMPrecond, EDMLoss, edm_sampler, spec: dict, dtype: str, cuda: bool) -> dict:
-    """Train img/s (EDM's training-loop step: loss.sum() * loss_scaling / batch, backward, nan_to_num,
-    Adam, EMA lerp) and img/s of generate.edm_sampler (18 Heun steps) on the EMA network."""
-    import copy
-    device = torch.device('cuda' if cuda else 'cpu')
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    use_fp16 = dtype == 'bfloat16'  # EDM's mixed precision is float16, on CUDA only
-    loss_scaling = 100.0 if use_fp16 else 1.0  # EDM's ImageNet-64 command: --fp16=1 --ls=100
-    torch.manual_seed(0)
-    c, r, n, label_dim = spec['img_channels'], spec['img_resolution'], spec['batch'], spec['label_dim']
-    net = EDMPrecond(img_resolution=r, img_channels=c, label_dim=label_dim, use_fp16=use_fp16,
-                     model_type=spec['model_type'], **spec['model_kwargs']).train().requires_grad_(True).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn, optimizer = EDMLoss(), torch.optim.Adam(net.parameters(), lr=spec['lr'], betas=(0.9, 0.999), eps=1e-8)
-    one_hot = lambda m: torch.eye(label_dim, device=device)[torch.arange(m, device=device) % label_dim] if label_dim else None
-    images, labels = torch.rand([n, c, r, r], device=device) * 2 - 1, one_hot(n)
-    cur_nimg = 0
-
-    def train_step():
-        nonlocal cur_nimg
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net=net, images=images, labels=labels, augment_pipe=None)
-        loss.sum().mul(loss_scaling / n).backward()
-        for g in optimizer.param_groups:
-            g['lr'] = spec['lr'] * min(cur_nimg / max(spec['warmup_images'], 1e-8), 1)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        optimizer.step()
-        halflife = min(spec['ema_halflife_images'], cur_nimg * spec['ema_rampup_ratio'])
-        beta = 0.5 ** (n / max(halflife, 1e-8))
-        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-            p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-        cur_nimg += n
-
-    def timed(fn, reps):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        return time.perf_counter() - t0
-
-    for _ in range(spec['warmup'] + 1):  # +1: the step this side's first call stands for
-        train_step()
-    train_s = [timed(train_step, spec['steps']) for _ in range(spec['windows'])]
-    sb = spec['sample_batch']
-    latents, sample_labels = torch.randn([sb, c, r, r], device=device), one_hot(sb)
-    draw = lambda: edm_sampler(ema, latents, sample_labels, num_steps=spec['num_steps'])
-    first_s = timed(draw, 1)
-    sample_s = [timed(draw, 1) for _ in range(spec['sample_windows'])]
-    return {'precision': ('float16 (use_fp16)' if use_fp16 and cuda else 'float32, TF32 off'),
-            'params': sum(p.numel() for p in net.parameters()), 'batch': n, 'sample_batch': sb,
-            'train_img_s': statistics.median(spec['steps'] * n / s for s in train_s), 'train_seconds': train_s,
-            'sample_img_s': statistics.median(sb / s for s in sample_s), 'sample_seconds': sample_s,
-            'sample_first_call_s': first_s,
-            'peak_memory_bytes': torch.cuda.max_memory_allocated() if cuda else None}
+             f"cores; matmul precision {env.get('matmul_precision')}; {env.get('date')}. Throughput: median of the "
+             f"timing windows. Peak: the best rate of a large matmul in the case's dtype on one device, x devices. "
+             f"XLA memory: the train step's temp + arguments + outputs - donated bytes. Load: load average before "
+             f"the case.", '', '| ' + ' | '.join(COLUMNS) + ' |', '|' + ' --- |' * 5 + ' ---: |' * (len(COLUMNS) - 5)]
+    for r in (r for r in rows if r['kind'] == 'jaxdiff'):
+        batch = f"{r.get('batch', '')}" + (f" ({r['sample_batch']})" if r.get('sample_batch') not in (None, r.get('batch')) else '')
+        params = fmt(r.get('params'), '.1f', 1e6) + ('M' if r.get('params') else '')
+        cells = table_cells(r, rows) if has_figures(r) else [r['status']] + [''] * (len(COLUMNS) - 6)
+        lines.append('| ' + ' | '.join([r['case'], r.get('network', ''), params, r['dtype'], batch] + cells) + ' |')
+    notes = [f"{r['kind']} {r['case']} {r['dtype']}: {r['status']}: {why(r)}" for r in rows if r['status'] != 'ok']
+    notes += [f"EDM {r['case']}: NVlabs/edm's code under torch {r.get('torch')} on {r.get('edm_device')}"
+              + (f"; stand-ins for its absent helper modules {r['stubbed_modules']}" if r.get('stubbed_modules') else '')
+              for r in rows if r['kind'] == 'edm' and has_figures(r)]
+    return '\n'.join(lines + [''] + [f'- {n}' for n in notes]) + '\n'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,56 +584,48 @@ def per_case_ints(text: str | None) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='CPU smoke run: ' + ', '.join(f'{k}={v}' for k, v in QUICK.items()))
-    p.add_argument('--cases', help=f'comma list of name or name:dtype, names from {sorted(CASES)} '
-                                   '(default cifar10,imagenet64,digits)')
+    p.add_argument('--cases', help=f"comma list of name or name:dtype, names from {sorted(CASES)} (default {DEFAULTS['cases']})")
     p.add_argument('--dtypes', default='bfloat16,float32', help='dtypes of the cases given without one')
-    p.add_argument('--sample-dtypes', help='dtypes whose cases also time the sampler and the forward pass (default: all)')
-    p.add_argument('--steps', type=int, help='timed steps (and forward calls) per window (default 20)')
-    p.add_argument('--windows', type=int, help='timing windows; the median is reported (default 3)')
-    p.add_argument('--warmup', type=int, help='untimed steps after the first call (default 3)')
-    p.add_argument('--sample-windows', type=int, help='timed sampler calls, one batch each (default 3)')
+    p.add_argument('--sample-dtypes', default='bfloat16,float32', help='dtypes whose cases also time the sampler and forward pass')
+    p.add_argument('--steps', type=int, help=f"timed steps (and forward calls) per window (default {DEFAULTS['steps']})")
+    p.add_argument('--windows', type=int, help=f"timing windows, the median reported (default {DEFAULTS['windows']})")
+    p.add_argument('--warmup', type=int, help=f"untimed steps after the first call (default {DEFAULTS['warmup']})")
+    p.add_argument('--sample-windows', type=int, help=f"timed sampler calls (default {DEFAULTS['sample_windows']})")
     p.add_argument('--batch', help="training batch: N for every case or 'case=N,...' (defaults: "
                                    + ', '.join(f'{k} {v.batch}' for k, v in CASES.items()) + ')')
     p.add_argument('--sample-batch', help='sampling and forward batch, as --batch (default: the training batch)')
-    p.add_argument('--peak-n', type=int, help='size n of the n^3 peak matmul (default 8192; 1024 on CPU)')
-    p.add_argument('--matmul-precision', help="jax_default_matmul_precision (e.g. 'highest'; default: JAX's)")
-    p.add_argument('--time-budget', type=float, help='seconds; cases not started by then write skipped rows')
+    p.add_argument('--peak-n', type=int, help='n of the n^3 peak matmul (default 8192; 1024 on CPU)')
+    p.add_argument('--matmul-precision', help="jax_default_matmul_precision, e.g. 'highest' (default: JAX's)")
+    p.add_argument('--time-budget', type=float, help=f'seconds; later cases are skipped, a running one stopped {OVERRUN_S} s after')
     p.add_argument('--out', default='runs/speed/speed.jsonl', help='JSON-lines file the rows are appended to')
-    p.add_argument('--md', default='runs/speed/speed.md', help='markdown table of this run (rewritten per case)')
+    p.add_argument('--md', default='runs/speed/speed.md', help='markdown table of this run (rewritten after each case)')
     p.add_argument('--vs-edm', help='path of an NVlabs/edm checkout: time its code on the same cases')
     p.add_argument('--torch-python', default='python3', help='interpreter with torch for --vs-edm')
-    p.add_argument('--run-edm-worker', action='store_true', help=argparse.SUPPRESS)
-    p.add_argument('--edm-spec', help=argparse.SUPPRESS)
+    p.add_argument('--run-case', help=argparse.SUPPRESS)  # internal: one case, its row as JSON on stdout
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    defaults = dict(cases='cifar10,imagenet64,digits', steps=20, windows=3, warmup=3, sample_windows=3)
-    for key, value in {**defaults, **(QUICK if args.quick else {})}.items():
+    args.argv = argv
+    for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.dtypes = [d for d in args.dtypes.split(',') if d]
-    args.sample_dtypes = args.sample_dtypes.split(',') if args.sample_dtypes else ['float32', 'bfloat16']
+    args.dtypes, args.sample_dtypes = args.dtypes.split(','), args.sample_dtypes.split(',')
     args.batch, args.sample_batch = per_case_ints(args.batch), per_case_ints(args.sample_batch)
-    args.deadline = None
+    args.deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget + OVERRUN_S
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.run_edm_worker:
-        print(json.dumps(edm_worker(args.vs_edm, json.loads(args.edm_spec))))
-        return
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
-    import jax
-    if args.matmul_precision:
-        jax.config.update('jax_default_matmul_precision', args.matmul_precision)
-    env = environment(args)
-    if args.peak_n is None:
-        args.peak_n = 1024 if env['platform'] == 'cpu' else 8192
-    if args.time_budget is not None:  # An EDM subprocess may run 2 minutes past the budget at most.
-        args.deadline = time.perf_counter() + args.time_budget + 120
+    if args.run_case:
+        name, _, dtype = args.run_case.partition(':')
+        print(json.dumps(run_case_here(name, dtype, args), default=str), flush=True)
+        return
     for path in (args.out, args.md):
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    log(f"{env['device_kind']} x {env['devices']}, jax {env['jax']}; CPU {env['cpu']}, load {env['load_average']}")
-    rows = run_jobs(plan_jobs(args), base_row=env, out_path=args.out, md_path=args.md,
+    env = host_environment(args)
+    log(f"jax {env['jax']}; CPU {env['cpu']} ({env['cores']} cores), load {load_average()}")
+    rows = run_jobs(plan_jobs(args, log), base_row=env, out_path=args.out, md_path=args.md,
                     time_budget=args.time_budget, log=log)
     print(markdown_table(rows))
     log(f'rows appended to {args.out}; table in {args.md}')

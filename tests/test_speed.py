@@ -14,6 +14,7 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
 import speed  # noqa: E402
+import speed_edm  # noqa: E402
 
 M, K, N = 64, 32, 16
 
@@ -161,7 +162,7 @@ def test_markdown_joins_edm_figures_by_case_and_dtype():
                                        'sample_img_s': 500.0}})]
     table = speed.markdown_table(rows)
     line = next(l for l in table.splitlines() if l.startswith('| cifar10 |'))
-    assert '1500 / 500 (float16 (use_fp16))' in line and '2.00, 2.00' in line and '| 800.0 |' in line
+    assert '1500 / 500 (float16 (use_fp16))' in line and '2.00, 2.00' in line and '| 800 |' in line
 
 
 def test_parse_cases_and_per_case_batches():
@@ -195,10 +196,10 @@ def test_edm_case_without_a_checkout_is_unavailable(tmp_path):
     assert row['status'] == 'unavailable' and 'checkout' in row['reason']
 
 
-def test_stand_in_modules_pass_decorated_functions_through():
+def test_stand_in_modules_pass_decorated_functions_through_and_go_away():
     name = 'speed_test_absent_module_xyz'
-    try:
-        assert speed.stand_in_missing((name,)) == [name]
+    with speed_edm.stand_ins_for_missing(('json', name)) as stood_in:
+        assert stood_in == [name]  # json imports, so it is left alone
         module = __import__(name)
 
         @module.command()
@@ -206,8 +207,7 @@ def test_stand_in_modules_pass_decorated_functions_through():
         def f():
             return 7
         assert f() == 7
-    finally:
-        sys.modules.pop(name, None)
+    assert name not in sys.modules
 
 
 @pytest.mark.slow
@@ -224,3 +224,17 @@ def test_quick_run_writes_rows_and_a_table(tmp_path):
         assert r['params'] > 0 and r['cpu'] and r['jax'] == jax.__version__ and r['sample_evals'] == 35
     table = md.read_text()
     assert table in proc.stdout and '| digits |' in table and '| cifar10-small |' in table
+
+
+def test_a_stopped_case_keeps_the_figures_it_printed():
+    script = 'import json, time; print(json.dumps({"train_img_s": 5.0}), flush=True); time.sleep(30)'
+    row = speed.json_subprocess([sys.executable, '-c', script], timeout=3, log=lambda *a: None)
+    assert row['status'] == 'partial' and row['train_img_s'] == 5.0 and 'stopped after 3 s' in row['reason']
+    with pytest.raises(TimeoutError):
+        speed.json_subprocess([sys.executable, '-c', 'import time; time.sleep(30)'], timeout=1, log=lambda *a: None)
+
+
+def test_a_crashed_case_raises_with_its_stderr():
+    with pytest.raises(RuntimeError, match='exited with 3: boom'):
+        speed.json_subprocess([sys.executable, '-c', 'import sys; sys.stderr.write("boom"); sys.exit(3)'],
+                              timeout=None, log=lambda *a: None)
