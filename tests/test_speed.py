@@ -56,12 +56,20 @@ def test_cost_flops_reads_dict_list_and_missing_counts():
     assert speed.cost_flops(FakeStage(NotImplementedError())) is None
 
 
-def test_program_flops_scales_the_per_device_count_and_falls_back_to_lowered():
+def test_cpu_lowered_flops_of_a_matmul():
+    assert speed.cpu_lowered_flops(jnp.matmul, jnp.ones((M, K)), jax.ShapeDtypeStruct((K, N), jnp.float32)) == 2 * M * N * K
+
+
+def test_program_flops_prefers_the_cpu_then_the_lowered_count():
+    assert speed.program_flops(FakeStage({'flops': 100.0}), FakeStage({'flops': 30.0}), 4, cpu_flops=90.0)['flops'] == 90.0
+
+
+def test_program_flops_prefers_the_lowered_count_and_scales_the_per_device_one():
     both = speed.program_flops(FakeStage({'flops': 100.0}), FakeStage({'flops': 30.0}), num_devices=4)
-    assert both['flops'] == 120.0 and both['flops_source'] == 'compiled'
+    assert both['flops'] == 100.0 and both['flops_source'] == 'lowered'
     assert both['flops_lowered'] == 100.0 and both['flops_compiled_per_device'] == 30.0
-    fallback = speed.program_flops(FakeStage({'flops': 100.0}), FakeStage(None), num_devices=4)
-    assert fallback['flops'] == 100.0 and fallback['flops_source'] == 'lowered'
+    fallback = speed.program_flops(FakeStage(None), FakeStage({'flops': 30.0}), num_devices=4)
+    assert fallback['flops'] == 120.0 and fallback['flops_source'] == 'compiled'
     assert speed.program_flops(FakeStage(None), FakeStage(None), 1)['flops'] is None
 
 
