@@ -6,15 +6,16 @@
 # Results go to ${OUT:-/tmp/speed}: speed.jsonl (one JSON row per case, written as each finishes),
 # speed.md (the table for benchmarks/RESULTS.md), speed.log (everything printed) and machine.txt
 # (nvidia-smi, package versions). It needs JAX with CUDA, flax, optax and numpy; ml_collections
-# (configs/edm.py) is installed from a wheel when absent: $ML_COLLECTIONS_WHEEL, else the first
+# (configs/edm.py) is taken from a wheel when absent: $ML_COLLECTIONS_WHEEL, else the first
 # runs/wheels/ml_collections-*.whl. EDM_CHECKOUT is a copy of NVlabs/edm (e.g. `git archive` of it
 # unpacked in runs/edm); its code runs under $TORCH_PYTHON (default: $PYTHON, i.e. python3).
 #
 # Cases, most important first: DDPM++ CIFAR-10 (batch 512) in bfloat16 (train, then the 35-NFE
-# sampler and the forward pass), in float32 (train), NVlabs/edm's PyTorch on the same network and
-# batch (float16 and float32), then ADM ImageNet-64 in bfloat16 (batch 128; train and sampler) and
-# EDM on it. No case starts after $BUDGET seconds (default 420), a started one is stopped 120 s
-# after that, and `timeout` ends the whole run at BUDGET + 150 s: about 9.5 minutes at most.
+# sampler and the forward pass), in float32 (train; JAX's default precision, TF32), NVlabs/edm's
+# PyTorch on the same network and batch (float16, and float32 with TF32 to match), then ADM
+# ImageNet-64 in bfloat16 (batch 128; train and sampler) and EDM on it. No case starts after
+# $BUDGET seconds (default 420), a started one is stopped 120 s after that (keeping the figures it
+# has), and `timeout` ends the whole run at BUDGET + 150 s: about 9.5 minutes at most.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/speed}
@@ -30,11 +31,12 @@ export JAXDIFF_KEEP_XLA_FLAGS=1
 # Each case runs alone on the GPU in a process of its own: let XLA take most of the memory.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 
+# ml_collections is pure Python: its wheel imports from PYTHONPATH as it is (zipimport), no pip needed.
 if ! "$PYTHON" -c 'import ml_collections' 2>/dev/null; then
   wheel=${ML_COLLECTIONS_WHEEL:-$(ls runs/wheels/ml_collections-*.whl 2>/dev/null | head -n 1)}
-  [ -n "$wheel" ] && "$PYTHON" -m pip install --no-deps --no-index -q "$wheel"
+  [ -n "$wheel" ] && export PYTHONPATH="$(realpath "$wheel")${PYTHONPATH:+:$PYTHONPATH}"
   "$PYTHON" -c 'import ml_collections' || {
-    echo "gpu.sh: configs/edm.py needs ml_collections: set ML_COLLECTIONS_WHEEL to its wheel" >&2; exit 2; }
+    echo "gpu.sh: configs/edm.py needs ml_collections (and absl-py, PyYAML): set ML_COLLECTIONS_WHEEL" >&2; exit 2; }
 fi
 
 { nvidia-smi
@@ -52,7 +54,7 @@ fi
 # float32 trains only (--sample-dtypes bfloat16): its sampler would cost another compilation.
 timeout --kill-after=10 $((BUDGET + 150)) "$PYTHON" benchmarks/speed.py \
   --cases cifar10:bfloat16,cifar10:float32,imagenet64:bfloat16 --sample-dtypes bfloat16 \
-  --steps 30 --windows 3 --warmup 3 --sample-windows 3 --time-budget "$BUDGET" \
+  --steps 20 --windows 3 --warmup 3 --sample-windows 3 --time-budget "$BUDGET" \
   --out "$OUT/speed.jsonl" --md "$OUT/speed.md" ${edm_flags[@]+"${edm_flags[@]}"} "$@" 2>&1 | tee "$OUT/speed.log"
 status=${PIPESTATUS[0]}
 echo "gpu.sh: speed.py exited with $status; rows in $OUT/speed.jsonl, table in $OUT/speed.md"

@@ -412,8 +412,12 @@ def run_edm_case(name: str, dtypes: list[str], args, log=print) -> dict:
                 img_channels=config.data.channels, label_dim=case.label_dim, batch=batch,
                 sample_batch=args.sample_batch.get(name, batch), dtypes=dtypes, lr=config.optim.lr,
                 warmup_images=config.optim.warmup_images, ema_halflife_images=config.ema.halflife_images,
-                ema_rampup_ratio=config.ema.rampup_ratio, steps=args.steps, windows=args.windows, warmup=args.warmup,
-                sample_windows=args.sample_windows, num_steps=NUM_STEPS)
+                ema_rampup_ratio=config.ema.rampup_ratio, steps=args.edm_steps, windows=args.edm_windows,
+                warmup=args.warmup, sample_windows=args.edm_sample_windows, num_steps=NUM_STEPS,
+                # float32 matmuls and convolutions as jaxdiff's: JAX's default precision is TF32 on
+                # NVIDIA GPUs that have it (EDM's own training loop turns TF32 off).
+                allow_tf32=args.matmul_precision in (None, 'default', 'fastest', 'tensorfloat32'),
+                require_cuda=os.path.exists('/proc/driver/nvidia/version'))
     cmd = [python, str(HERE / 'speed_edm.py'), '--edm', str(checkout), '--spec', json.dumps(spec)]
     return json_subprocess(cmd, time_left(args), log)
 
@@ -598,6 +602,9 @@ def parse_args(argv=None):
     add('--md', default='runs/speed/speed.md', help='markdown table of this run (rewritten after each case)')
     add('--vs-edm', help='path of an NVlabs/edm checkout: time its code on the same cases')
     add('--torch-python', default='python3', help='interpreter with torch for --vs-edm')
+    add('--edm-steps', type=int, default=10, help='EDM: timed training steps per window (eager: no compilation)')
+    add('--edm-windows', type=int, default=2, help='EDM: training timing windows')
+    add('--edm-sample-windows', type=int, default=2, help='EDM: timed sampler calls')
     add('--run-case', help=argparse.SUPPRESS)  # internal: one case here, its row as JSON on stdout
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)

@@ -7,11 +7,13 @@ prints one JSON line: per dtype, the training img/s of EDM's training-loop step 
 its SongUNet or DhariwalUNet, EDMLoss, loss.sum() * loss_scaling / batch, backward, nan_to_num on
 the gradients, Adam, EMA lerp) and the img/s of its generate.edm_sampler (18 Heun steps, 35
 network evaluations) on the EMA network, with torch.cuda.synchronize around every timing window.
-Backend settings are the training loop's (cuDNN autotuning on, TF32 off). jaxdiff's bfloat16
-stands against EDM's mixed precision, `use_fp16=True` (float16 on CUDA; EDM ignores it elsewhere),
-with EDM's ImageNet loss scaling of 100. A spec gives the network (model_type, model_kwargs,
+Backend settings are the training loop's (cuDNN autotuning on, TF32 off) unless the spec's
+allow_tf32 matches float32 to jaxdiff's (JAX's default precision uses TF32 on NVIDIA GPUs). jaxdiff's
+bfloat16 stands against EDM's mixed precision, `use_fp16=True` (float16 on CUDA; EDM ignores it
+elsewhere), with EDM's ImageNet loss scaling of 100. A spec gives the network (model_type, model_kwargs,
 img_resolution, img_channels, label_dim), batch, sample_batch, dtypes, lr, warmup_images,
-ema_halflife_images, ema_rampup_ratio, steps, windows, warmup, sample_windows and num_steps.
+ema_halflife_images, ema_rampup_ratio, steps, windows, warmup, sample_windows, num_steps,
+allow_tf32 and require_cuda (report 'unavailable' rather than run a GPU-sized case on the CPU).
 
 EDM's code is under its own non-commercial licence; nothing of it is copied here.
 """
@@ -81,9 +83,11 @@ def edm_worker(checkout: str, spec: dict) -> dict:
         from training.networks import EDMPrecond
 
     cuda = torch.cuda.is_available()
-    torch.backends.cudnn.benchmark = True  # training/training_loop.py's settings
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if spec.get('require_cuda') and not cuda:  # on CPU EDM's GPU-sized cases would outlast any budget
+        return {'status': 'unavailable', 'reason': f'torch {torch.__version__} sees no CUDA device'}
+    # training/training_loop.py's settings, except TF32 where the spec asks for it (jaxdiff's precision)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(spec.get('allow_tf32'))
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     out = {'status': 'ok', 'torch': torch.__version__, 'stubbed_modules': stood_in,
            'edm_device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
@@ -153,7 +157,8 @@ def edm_measure(torch, edm, spec: dict, dtype: str, cuda: bool) -> dict:
     draw = lambda: edm_sampler(ema, latents, sample_labels, num_steps=spec['num_steps'])
     first = windows(draw, 1, 1)[0]['seconds']
     sample = windows(draw, spec['sample_windows'], 1)
-    precision = ('float16 (use_fp16)' if cuda else 'float32 (use_fp16 is CUDA-only)') if use_fp16 else 'float32, TF32 off'
+    float32 = 'float32, TF32 ' + ('on' if cuda and spec.get('allow_tf32') else 'off')
+    precision = ('float16 (use_fp16)' if cuda else 'float32 (use_fp16 is CUDA-only)') if use_fp16 else float32
     return {'precision': precision,
             'params': sum(p.numel() for p in net.parameters()), 'batch': n, 'sample_batch': sb,
             'train_img_s': statistics.median(spec['steps'] * n / w['seconds'] for w in train), 'train_windows': train,
