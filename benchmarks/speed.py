@@ -40,6 +40,7 @@ which benchmarks/gpu.sh also sets). configs/edm.py needs ml_collections.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import importlib.metadata
@@ -51,6 +52,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -360,28 +362,43 @@ def host_environment(args) -> dict:
                 xla_flags=os.environ.get('XLA_FLAGS', ''), matmul_precision=args.matmul_precision or 'default')
 
 
-def last_json_line(text) -> dict | None:
+def last_json_line(text: str) -> dict | None:
     """The JSON object on the last line of `text` that holds one (None if no line does)."""
-    text = text.decode(errors='replace') if isinstance(text, bytes) else (text or '')
     return next((json.loads(line) for line in reversed(text.splitlines()) if line.startswith('{')), None)
 
 
 def json_subprocess(cmd: list[str], timeout: float | None, log) -> dict:
-    """Run `cmd`, pass its stderr on to `log`, and return the JSON object of its last stdout line;
-    stopped at `timeout`, the last one it printed (status 'partial'), else a TimeoutError."""
+    """Run `cmd`, passing its stderr on to `log` line by line as it comes, and return the JSON object
+    of its last stdout line; stopped at `timeout`, the last one it printed (status 'partial'), else
+    a TimeoutError. A non-zero exit raises a RuntimeError with the end of its stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = [], collections.deque(maxlen=60)
+
+    def echo_stderr():
+        for line in proc.stderr:
+            err.append(line)
+            log(line.rstrip())
+    readers = [threading.Thread(target=lambda: out.extend(proc.stdout)), threading.Thread(target=echo_stderr)]
+    for t in readers:
+        t.start()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        log((e.stderr.decode(errors='replace') if isinstance(e.stderr, bytes) else e.stderr or '').rstrip())
-        so_far, reason = last_json_line(e.stdout), f'stopped after {timeout:.0f} s (--time-budget + {OVERRUN_S} s)'
-        if so_far is None:
-            raise TimeoutError(reason) from None
-        return {**so_far, 'status': 'partial', 'reason': reason}
-    if proc.stderr.strip():
-        log(proc.stderr.rstrip())
+        proc.wait(timeout=timeout)
+        stopped = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        stopped = True
+    for t in readers:
+        t.join()
+    last = last_json_line(''.join(out))
+    if stopped:
+        reason = f'stopped after {timeout:.0f} s (--time-budget + {OVERRUN_S} s)'
+        if last is None:
+            raise TimeoutError(reason)
+        return {**last, 'status': 'partial', 'reason': reason}
     if proc.returncode:
-        raise RuntimeError(f'{pathlib.Path(cmd[1]).name} exited with {proc.returncode}: {proc.stderr.strip()[-3000:]}')
-    return last_json_line(proc.stdout)
+        raise RuntimeError(f"{pathlib.Path(cmd[1]).name} exited with {proc.returncode}: {''.join(err).strip()[-3000:]}")
+    return last
 
 
 def time_left(args) -> float | None:

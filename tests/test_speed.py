@@ -2,6 +2,7 @@
 cost (XLA counts 2 m n k FLOPs for an [m, k] x [k, n] matmul), the fraction-of-peak arithmetic,
 one row per case with an error row that does not stop the next case, the time budget, and (slow)
 the --quick run end to end. No assertion depends on timings."""
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -246,3 +247,12 @@ def test_a_crashed_case_raises_with_its_stderr():
     with pytest.raises(RuntimeError, match='exited with 3: boom'):
         speed.json_subprocess([sys.executable, '-c', 'import sys; sys.stderr.write("boom"); sys.exit(3)'],
                               timeout=None, log=lambda *a: None)
+
+
+def test_edm_case_without_torch_is_unavailable(tmp_path):
+    (tmp_path / 'training').mkdir()
+    (tmp_path / 'training' / 'networks.py').write_text('')
+    args = speed.parse_args(['--vs-edm', str(tmp_path), '--torch-python', 'no-such-python-here'])
+    assert speed.run_edm_case('digits', ['float32'], args)['status'] == 'unavailable'
+    if importlib.util.find_spec('torch') is None:  # the worker itself, without torch
+        assert speed_edm.edm_worker(str(tmp_path), {})['status'] == 'unavailable'
