@@ -256,3 +256,12 @@ def test_edm_case_without_torch_is_unavailable(tmp_path):
     assert speed.run_edm_case('digits', ['float32'], args)['status'] == 'unavailable'
     if importlib.util.find_spec('torch') is None:  # the worker itself, without torch
         assert speed_edm.edm_worker(str(tmp_path), {})['status'] == 'unavailable'
+
+
+def test_markdown_keeps_a_partial_rows_figures_and_says_why():
+    rows = [dict(kind='jaxdiff', case='imagenet64', dtype='bfloat16', status='partial', batch=128,
+                 train_img_s=900.0, reason='stopped after 40 s (--time-budget + 120 s)'),
+            dict(kind='jaxdiff', case='digits', dtype='float32', status='skipped', reason='time budget of 1 s spent')]
+    table = speed.markdown_table(rows)
+    assert '| imagenet64 |' in table and '| 900 |' in table and '| skipped |' in table
+    assert '- jaxdiff imagenet64 bfloat16: partial: stopped after 40 s' in table
