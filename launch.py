@@ -25,7 +25,7 @@ from the checkpoints', a failed checkpoint save, out of memory, non-finite sampl
 (EX_TEMPFAIL) pre-empted: SIGTERM arrived, the run saved a checkpoint and stopped early -- run the
 same command again to resume; anything else is a bug (with a traceback).
 """
-import pathlib
+import contextlib
 import re
 import sys
 
@@ -44,9 +44,11 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'ref'], 'What to 
 
 def reference_mode(config, workdir) -> dict:
     """Reference statistics of config.data for FID/KID/PRDC (scoring.compute_reference)."""
-    workdir = pathlib.Path(workdir).absolute()
-    monitor.setup_logging(workdir, jax.process_index() == 0)
-    return scoring.compute_reference(config, config.eval.ref or scoring.default_ref_path(config, workdir))
+    is_main = jax.process_index() == 0
+    workdir = wd.make(workdir)
+    with wd.lock(workdir) if is_main else contextlib.nullcontext():
+        monitor.setup_logging(workdir, is_main)
+        return scoring.compute_reference(config, config.eval.ref or scoring.default_ref_path(config, workdir))
 
 
 MODES = {'train': runner.train_and_evaluate, 'sample': runner.sample_mode, 'eval': runner.eval_mode,

@@ -155,11 +155,11 @@ def _as_json(config) -> dict:
     return json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config))
 
 
+_ABSENT = object()
+
+
 def _show(value) -> str:
     return '(absent)' if value is _ABSENT else value if isinstance(value, str) else json.dumps(value)
-
-
-_ABSENT = object()
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -232,11 +232,17 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(error)
 
 
-def _training_oom(run: Run) -> OutOfMemory:
+def _xla_summary(error: BaseException) -> str:
+    """XLA's first line, capped (its allocation size), for the end of our message."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return text[:120] + ('...' if len(text) > 120 else '')
+
+
+def _training_oom(run: Run, error: BaseException) -> OutOfMemory:
     batch, devices = run.config.train.batch_size, run.mesh.size
     return OutOfMemory(f'out of device memory training with train.batch_size={batch} ({batch // devices} '
                        f'images per device on {devices} device{"s" if devices > 1 else ""}): pass a smaller '
-                       '--config.train.batch_size or run on more devices')
+                       f'--config.train.batch_size or run on more devices ({_xla_summary(error)})')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,25 +278,28 @@ def run_training(run: Run):
         ckpt.catch_sigterm()
         iterator = data.train_iterator(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
                                        process_index=jax.process_index(), process_count=jax.process_count())
-        restored = ckpt.restore_latest(abstract)
-        try:
-            if restored is None:
-                init = jax.jit(lambda key: train.init_state(setup, key, run.image_shape, run.label_dim),
-                               out_shardings=shardings)
-                state = init(jax.random.key(config.seed))
-                log.info('Starting a new run in %s', run.workdir)
-            else:
-                step, state, data_state = restored
-                iterator.set_state(data_state)
-                log.info('Resumed from step %d (%d images) in %s', step, step * config.train.batch_size, run.workdir)
-            _save_config(run)  # only now: the config has restored the checkpoint (or there is none)
-            state = _train_loop(run, setup, shardings, ckpt, iterator, state)
-        except jax.errors.JaxRuntimeError as e:
-            if _is_oom(e):
-                raise _training_oom(run) from None
-            raise
+        state = _initial_state(run, setup, abstract, shardings, ckpt, iterator)
+        _save_config(run)  # only now: the config has restored the checkpoint (or there is none)
+        return _train_loop(run, setup, shardings, ckpt, iterator, state)
+    except jax.errors.JaxRuntimeError as e:
+        if _is_oom(e):
+            raise _training_oom(run, e) from None
+        raise
     finally:
         ckpt.close()  # waits for the last save, raising a CheckpointSaveError if it failed
+
+
+def _initial_state(run: Run, setup, abstract, shardings, ckpt, iterator):
+    """The latest checkpoint's state (the iterator set to its position), or a fresh one."""
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        init = jax.jit(lambda key: train.init_state(setup, key, run.image_shape, run.label_dim),
+                       out_shardings=shardings)
+        log.info('Starting a new run in %s', run.workdir)
+        return init(jax.random.key(run.config.seed))
+    step, state, data_state = restored
+    iterator.set_state(data_state)
+    log.info('Resumed from step %d (%d images) in %s', step, step * run.config.train.batch_size, run.workdir)
     return state
 
 
@@ -413,7 +422,7 @@ def _sample(run: Run, params, num: int, seed: int | None = None, timing: dict | 
     except jax.errors.JaxRuntimeError as e:
         if _is_oom(e):
             raise OutOfMemory(f'out of device memory sampling batches of {batch_size} images: pass a smaller '
-                              '--config.sample.batch_size (and --config.eval.batch_size)') from None
+                              f'--config.sample.batch_size (and --config.eval.batch_size) ({_xla_summary(e)})') from None
         raise
     bad = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))
     if bad:

@@ -444,7 +444,9 @@ def test_out_of_memory_names_the_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(train, 'compile_train_step', lambda *args, **kwargs: _xla_oom)
     with pytest.raises(runner.OutOfMemory, match=r'^out of device memory training with train\.batch_size=16 '
                                                  r'\(16 images per device on 1 device\): pass a smaller '
-                                                 r'--config\.train\.batch_size or run on more devices$'):
+                                                 r'--config\.train\.batch_size or run on more devices '
+                                                 r'\(RESOURCE_EXHAUSTED: Out of memory while trying to allocate '
+                                                 r'4\.00GiB\.\)$'):
         runner.train_and_evaluate(tiny_config(4), tmp_path)
     run = runner.prepare(tiny_config(), tmp_path)
     run = dataclasses.replace(run, sampling=dataclasses.replace(run.sampling, draw=_xla_oom))
