@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 5000
     c.train.keep_checkpoints = 3
     c.train.sample_every_steps = 0  # TensorBoard sample grids; 0 = only at the end
+    # Resume (or sample) a workdir whose checkpoints were trained with a config that differs in a
+    # field that changes the trajectory (method, model, data, batch, seed, optim, ema, loss, ...);
+    # off: such a run stops with an error naming the fields (jaxdiff/runner.py, TRAJECTORY_FREE).
+    c.train.allow_config_change = False
 
     # Sampling (jaxdiff/samplers.py) and evaluation.
     c.sample = ml_collections.ConfigDict()

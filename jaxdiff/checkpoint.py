@@ -20,17 +20,27 @@ tries steps newest first. A step that fails while an older one restores with the
 state is corrupt: it is renamed to `<step>.corrupt-<time>` (kept for inspection, out of orbax's
 sight, so it neither blocks saving that step again nor takes a keep-last-N slot) with a warning
 naming the step and the reason. If no step restores, nothing is renamed -- the likelier cause is
-an abstract state that no longer matches (a changed model) -- and a `CheckpointError` lists
-every step and its error: a workdir full of unreadable checkpoints must not silently restart
-training from step 0 (and then rotate the evidence away).
+an abstract state that no longer matches (a changed model) -- and a one-line `CheckpointError`
+lists every step and its error: a workdir full of unreadable checkpoints must not silently
+restart training from step 0 (and then rotate the evidence away).
+
+Failed saves. A save that fails (a full disk, an unwritable directory) stops at its tmp
+directory: orbax deletes the steps that keep-last-N rotates out only after the new step is
+complete, so the previous checkpoints stay intact, and `save` or `wait` raise a one-line
+`CheckpointSaveError` naming the step that failed and the newest one on disk. The tmp
+directories of interrupted or failed saves are removed once a later save succeeds. orbax logs
+such failures with tracebacks through absl; those records go to log.txt as one line each.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
+import shutil
 import signal
+import sys
 import threading
 import zlib
 
@@ -41,6 +51,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxdiff import monitor
+
 log = logging.getLogger(__name__)
 
 CORRUPT_TAG = '.corrupt-'
@@ -49,6 +61,58 @@ TMP_TAG = '.orbax-checkpoint-tmp'
 
 class CheckpointError(RuntimeError):
     """No checkpoint in a directory could be restored (the message lists what was tried)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed; the message names the step and the newest checkpoint left intact."""
+
+
+class _OrbaxTracebacksToLogFile(logging.Filter):
+    """Takes orbax's records that carry a traceback (e.g. a save that failed in its background
+    thread) off the console and puts their first line in log.txt (`monitor.FILE_ONLY`): the
+    Checkpointer raises the error itself, in one line that says what it means for the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info and 'orbax' in record.pathname):
+            return True
+        text = record.getMessage().strip()
+        log.info('orbax: %s (%s)', text.splitlines()[0] if text else '', _short(record.exc_info[1]),
+                    extra=monitor.FILE_ONLY)
+        return False
+
+
+def _install_orbax_log_filter() -> None:
+    """Once per process, on the 'absl' logger that orbax logs through."""
+    absl_logger = logging.getLogger('absl')
+    if not any(isinstance(f, _OrbaxTracebacksToLogFile) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxTracebacksToLogFile())
+
+
+def _is_restore_leftover(unraisable) -> bool:
+    """An unraisable exception that a failed restore leaves behind: orbax reads arrays in an event
+    loop that it closes when one read fails, and every read still in flight then raises 'Event
+    loop is closed' in a tensorstore callback (a thousand tracebacks for a small network), or
+    is garbage-collected as an orbax coroutine never finished. The restore's own error is what
+    `restore_latest` reports."""
+    error, obj = unraisable.exc_value, unraisable.object
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+        return True
+    code = getattr(obj, 'cr_code', None)
+    return code is not None and 'orbax' in code.co_filename
+
+
+def _install_unraisable_filter() -> None:
+    """Once per process: `_is_restore_leftover` exceptions dropped, every other one passed on."""
+    previous = sys.unraisablehook
+    if getattr(previous, 'drops_restore_leftovers', False):
+        return
+
+    def hook(unraisable):
+        if not _is_restore_leftover(unraisable):
+            previous(unraisable)
+
+    hook.drops_restore_leftovers = True
+    sys.unraisablehook = hook
 
 
 def _leaf_checksum(x):
@@ -97,10 +161,40 @@ def _json_crc(value) -> int:
     return zlib.crc32(json.dumps(value, sort_keys=True).encode())
 
 
-def _short(error: BaseException) -> str:
-    """First line of an error, capped: tensorstore errors carry a page-long spec."""
+def _short(error: BaseException, limit: int = 300) -> str:
+    """First line of an error, capped; for orbax's read errors, which carry TensorStore's
+    page-long spec, the tensorstore error beneath (e.g. 'OUT_OF_RANGE: Error reading ...')."""
+    inner = error.__cause__ or error.__context__
+    if inner is not None and 'See full TensorStore details' in str(error):
+        error = inner
     text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    return f'{type(error).__name__}: {text[:300]}'
+    return f'{type(error).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
+
+
+def _path_text(path) -> str:
+    """'params/enc/conv/kernel' of a tree path, whatever kinds of keys it has (orbax's metadata
+    keys every level by name, a train state by attribute, optimiser states by index)."""
+    names = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path]
+    return '/'.join(str(n) for n in names)
+
+
+def _check_layout(state_dir, abstract_state) -> None:
+    """A ValueError naming the first few arrays whose stored shape differs from `abstract_state`'s,
+    or that are missing on one side, read from the step's metadata alone (before any array: a
+    restore that fails on a shape leaves orbax's readers printing tracebacks at exit). Does
+    nothing when the metadata cannot be read (the restore itself then decides)."""
+    try:
+        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+        stored = {_path_text(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+    except Exception:  # pylint: disable=broad-except
+        return
+    wanted = {_path_text(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    problems = [f'{p} stored {stored[p]}, wanted {wanted[p]}' for p in wanted if p in stored and stored[p] != wanted[p]]
+    problems += [f'{p} not stored' for p in wanted if p not in stored]
+    problems += [f'{p} stored, not wanted' for p in stored if p not in wanted]
+    if problems:
+        raise ValueError(f'the stored state does not fit the model ({len(problems)} arrays differ: '
+                         f'{"; ".join(problems[:3])})')
 
 
 class Checkpointer:
@@ -117,8 +211,11 @@ class Checkpointer:
             self.directory = epath.Path(os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        _install_orbax_log_filter()
+        _install_unraisable_filter()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._sigterm = threading.Event()
+        self._pending = None  # the step being saved in the background, until `wait` sees it done
 
     def save(self, step: int, state, *, data_state: dict | None = None,
              config: dict | None = None, force: bool = False) -> bool:
@@ -129,6 +226,7 @@ class Checkpointer:
         is skipped with a warning too, unless `force`.
         """
         step = int(step)
+        self.wait()  # the previous save's error, if any, surfaces here, naming its step
         if step in self._manager.all_steps():
             log.warning('Checkpoint step %d already exists in %s; not overwriting it.',
                         step, self.directory)
@@ -138,11 +236,34 @@ class Checkpointer:
         items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
         if config is not None:
             items['config'] = ocp.args.JsonSave(config)
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as error:  # pylint: disable=broad-except
+            raise self._save_error(step, error) from error
         if not saved:
             log.warning('Checkpoint step %d not saved: not newer than the latest step %s.',
                         step, self._manager.latest_step())
+        self._pending = step if saved else None
         return saved
+
+    def _save_error(self, step, error: BaseException) -> CheckpointSaveError:
+        """The one-line error of a failed save of `step`, naming the newest intact step."""
+        self._manager.reload()  # what is on disk, not orbax's in-memory list (already rotated)
+        intact = self._manager.latest_step()
+        kept = (f'the previous checkpoint (step {intact}) is intact and a rerun resumes from it'
+                if intact is not None else 'there is no earlier checkpoint')
+        return CheckpointSaveError(f'could not save checkpoint step {step} in {self.directory} '
+                                   f'({_short(error, 200)}); {kept}: free disk space or fix the '
+                                   'directory, then run again')
+
+    def _remove_unfinished(self) -> None:
+        """Deletes the tmp directories of interrupted or failed saves (process 0; after a save
+        succeeded, so none of them is being written)."""
+        if jax.process_index() != 0:
+            return
+        for tmp in self.directory.glob(f'*{TMP_TAG}*'):
+            log.info('Removing %s, left by an interrupted or failed save.', tmp)
+            shutil.rmtree(os.fspath(tmp), ignore_errors=True)
 
     def restore_latest(self, abstract_state):
         """(step, state, data_state) of the newest readable checkpoint, or None if there is none.
@@ -168,20 +289,25 @@ class Checkpointer:
                 self._set_aside(bad_step, error)
             return step, state, data_state
         if failures:
-            tried = '\n'.join(f'  step {s}: {_short(e)}' for s, e in failures)
+            by_error = {}  # one mention of each distinct error, with the steps that gave it
+            for s, e in failures:
+                by_error.setdefault(_short(e, 150), []).append(str(s))
+            tried = '; '.join(f'step{"s" if len(steps) > 1 else ""} {", ".join(steps)}: {error}'
+                              for error, steps in by_error.items())
             raise CheckpointError(
-                f'No checkpoint in {self.directory} could be restored; tried:\n{tried}\n'
-                'If the state layout changed, restore with the matching code; otherwise move '
-                'the directory away to start afresh.')
+                f'no checkpoint in {self.directory} could be restored ({tried}): if the model or '
+                'the code changed, run with the config and code that wrote them; otherwise move '
+                'the directory away to start afresh')
         set_aside = sorted(p.name for p in self.directory.glob(f'*{CORRUPT_TAG}*'))
         if set_aside:
             raise CheckpointError(
-                f'{self.directory} holds only checkpoints set aside as corrupt: {set_aside}. '
-                'Remove them (or the directory) to start training afresh.')
+                f'{self.directory} holds only checkpoints set aside as corrupt ({", ".join(set_aside)}): '
+                'remove them (or the directory) to start training afresh')
         return None
 
     def _restore_step(self, step: int, abstract_state):
         """Restores one step and checks its checksums; raises on any mismatch."""
+        _check_layout(self.directory / str(step) / 'state', abstract_state)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         state, meta = restored.state, restored.meta
@@ -217,15 +343,29 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def wait(self):
-        """Blocks until pending async saves are on disk (re-raising their errors)."""
-        self._manager.wait_until_finished()
+        """Blocks until a pending async save is on disk; a `CheckpointSaveError` if it failed.
+        After a save succeeded, removes what interrupted or failed saves left behind."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # pylint: disable=broad-except
+            raise self._save_error(step if step is not None else '(pending)', error) from error
+        if step is not None:
+            self._remove_unfinished()
 
     def close(self):
-        """Closes the manager and gives SIGTERM back to whoever had it before `catch_sigterm`."""
-        self._manager.close()
-        if getattr(self, '_previous_sigterm', None) is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
+        """Waits for a pending save (raising its error), closes the manager, and gives SIGTERM
+        back to whoever had it before `catch_sigterm`."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # pylint: disable=broad-except
+                pass  # the save's error was raised by wait() (orbax raises it once more here)
+            if getattr(self, '_previous_sigterm', None) is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._previous_sigterm = None
 
     def catch_sigterm(self):
         """Makes SIGTERM set a flag that `reached_preemption` reports (single-process runs).
@@ -241,10 +381,23 @@ class Checkpointer:
         return self._sigterm.is_set() or self._manager.reached_preemption(int(step))
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+    """absl (orbax's) log records below ERROR dropped for the context."""
+    absl_logger = logging.getLogger('absl')
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 def config_of(directory, step: int | None = None) -> dict | None:
     """The config saved with `step` (default: the latest step), or None if there is none."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(epath.Path(directory), options=options)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with _absl_errors_only():  # orbax warns that a read-only directory is read-only
+        manager = ocp.CheckpointManager(epath.Path(directory), options=options)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:

@@ -11,14 +11,24 @@ from tqdm import tqdm
 
 log = logging.getLogger('jaxdiff')
 
+# `log.info(..., extra=FILE_ONLY)`: a line for log.txt alone, e.g. the periodic loss and images/s,
+# which the console shows in the progress bar instead.
+FILE_ONLY = {'file_only': True}
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, 'file_only', False)
+
 
 def setup_logging(workdir: pathlib.Path, is_main: bool = True) -> None:
-    """Log INFO to stderr and to workdir/log.txt (main process only)."""
+    """Log INFO to stderr and to workdir/log.txt (main process only); records logged with
+    `extra=FILE_ONLY` go to log.txt only."""
     log.setLevel(logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S')
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    console.addFilter(_not_file_only)
     log.addHandler(console)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)

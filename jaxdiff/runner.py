@@ -4,14 +4,21 @@ these; everything here is orchestration of the pure pieces in the other modules.
 A work directory holds:
 
   config.json         the run's config (also saved beside each checkpoint)
-  log.txt             the log
+  log.txt             the log, with the loss and images/s every train.log_every_steps
+  .lock               locked while a mode runs (`jaxdiff.workdir.lock`): one process at a time
   checkpoints/<step>  orbax checkpoints (train state, data-iterator position, config)
-  samples/            samples_<step>.npz (uint8 NHWC under `images`, `labels`), grid_<step>.png
+  samples/            samples_<step>.npz (uint8 NHWC under `images`, `labels`), grid_<step>.png;
+                      a later write for the same step adds .1, .2, ... (never overwrites)
   eval_<step>.json    scores of the samples
   tb/                 TensorBoard scalars (loss, learning rate, skipped updates, images/s) and grids
+
+Every mode checks, before it writes anything, that the config matches the one the checkpoints
+were trained with in each field that changes the training trajectory (`config_changes`).
+Mistakes are ValueErrors (or the errors below) with one-line messages, which launch.py prints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -20,9 +27,30 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from jaxdiff import builders, checkpoint, data, generate, images, monitor, parallel, scoring, train
+from jaxdiff import builders, checkpoint, data, generate, images, monitor, parallel, scoring, train, workdir as wd
 from jaxdiff.monitor import log
+
+# Config fields that may differ from the checkpoint's: they do not change the training trajectory
+# (evaluation, sampling, logging and checkpoint cadence, the run's length, the device mesh, where
+# TFDS keeps its files, the preset's name). Every other field is compared (`config_changes`).
+TRAJECTORY_FREE = ('preset', 'sample', 'eval', 'mesh', 'data.data_dir', 'train.total_images',
+                   'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
+                   'train.sample_every_steps', 'train.allow_config_change')
+MAX_CHANGES_SHOWN = 8
+
+
+class RunError(RuntimeError):
+    """A run cannot go on for a reason the message explains (launch.py prints it, no traceback)."""
+
+
+class OutOfMemory(RunError):
+    """The devices ran out of memory; the message names the batch size to lower."""
+
+
+class NonFiniteSamples(RunError):
+    """Samples came out nan or inf; nothing was written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +90,7 @@ def prepare(config, workdir) -> Run:
     for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
         if config.train[field] < 1:
             raise ValueError(f'train.{field} must be at least 1, got {config.train[field]}')
+    _check_numbers(config)
     builders.build_loss(config)
     scoring.check_config(config)
     _check_module_builds(module, info, label_dim)
@@ -70,6 +99,20 @@ def prepare(config, workdir) -> Run:
         prior_images, _ = data.eval_images(config.data, min(info.num_examples, 50_000))
     return Run(config, workdir, info, label_dim, module, builders.model_factory(config),
                builders.build_sampling(config, prior_images), mesh)
+
+
+def _check_numbers(config) -> None:
+    """Numeric fields that would otherwise pass as nan or inf (or out of range) and turn up only
+    as non-finite weights or samples: a ValueError naming the field."""
+    train.check_config(config)
+    train.check_number(config, 'train.sample_every_steps', low=0, integer=True)
+    if config.method == 'edm':
+        train.check_number(config, 'precond.sigma_data', low=0, low_open=True)
+        train.check_number(config, 'loss.P_mean')
+        train.check_number(config, 'loss.P_std', low=0, low_open=True)
+    for field in ('sample.S_churn', 'sample.S_min', 'sample.S_noise'):
+        train.check_number(config, field, low=0)
+    train.check_number(config, 'sample.S_max', low=0, allow_inf=True)
 
 
 def _check_module_builds(module, info, label_dim) -> None:
@@ -93,45 +136,176 @@ def _abstract_state(run: Run, setup: train.TrainSetup):
     return abstract, shardings
 
 
+# ------------------------------------------------------------------------------------------------
+# The work directory: created, locked, and its config checked before anything is written.
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+    """{'a.b.c': value} of a nested dict, sequences as lists (JSON's view of tuples)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _as_json(config) -> dict:
+    """The config as the checkpoints store it (ConfigDict.to_dict through JSON: tuples as lists)."""
+    return json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config))
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    return '(absent)' if value is _ABSENT else value if isinstance(value, str) else json.dumps(value)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'field old -> new' for every field outside TRAJECTORY_FREE in which two configs (plain
+    dicts, as JSON stores them) differ, a field missing on one side included; sorted by field."""
+    saved, current = _flatten(_as_json(saved)), _flatten(_as_json(current))
+    free = lambda field: any(field == f or field.startswith(f + '.') for f in TRAJECTORY_FREE)
+    changes = []
+    for field in sorted(set(saved) | set(current)):
+        old, new = saved.get(field, _ABSENT), current.get(field, _ABSENT)
+        if not free(field) and (old is _ABSENT or new is _ABSENT or old != new):
+            changes.append(f'{field} {_show(old)} -> {_show(new)}')
+    return changes
+
+
+def saved_config(workdir: pathlib.Path) -> dict | None:
+    """The config the latest checkpoint in `workdir` was trained with (config.json when the
+    checkpoint's own copy cannot be read), or None when there is no checkpoint."""
+    directory = workdir / 'checkpoints'
+    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+        return None
+    try:
+        saved = checkpoint.config_of(directory)
+    except Exception:  # pylint: disable=broad-except  # an unreadable checkpoint: see config.json
+        saved = None
+    if saved is None:
+        try:
+            saved = json.loads((workdir / 'config.json').read_text())
+        except (OSError, ValueError):
+            return None
+    return saved
+
+
+def config_changes(run: Run) -> list[str]:
+    """The trajectory fields in which `run.config` differs from the config of the work directory's
+    checkpoints. A ValueError naming them unless train.allow_config_change is set."""
+    saved = saved_config(run.workdir)
+    changes = [] if saved is None else config_differences(saved, run.config)
+    if changes and not run.config.train.get('allow_config_change', False):
+        shown = ', '.join(changes[:MAX_CHANGES_SHOWN])
+        more = f' and {len(changes) - MAX_CHANGES_SHOWN} more' if len(changes) > MAX_CHANGES_SHOWN else ''
+        raise ValueError(f'{run.workdir} was trained with a different config: {shown}{more}; pass '
+                         '--config.train.allow_config_change=True to go on anyway, or another --workdir')
+    return changes
+
+
+@contextlib.contextmanager
+def _open_workdir(run: Run, *, create: bool):
+    """The run's work directory, created if `create`, locked (main process) and with its config
+    checked against the checkpoints' for the context; logging to its log.txt from then on."""
+    if create:
+        wd.make(run.workdir)
+    with wd.lock(run.workdir) if run.is_main else contextlib.nullcontext():
+        changes = config_changes(run)
+        monitor.setup_logging(run.workdir, run.is_main)
+        if changes:
+            log.warning('Config differs from the checkpoints\' (train.allow_config_change=True): %s',
+                        ', '.join(changes))
+        yield
+
+
 def _save_config(run: Run) -> None:
     if run.is_main:
-        run.workdir.mkdir(parents=True, exist_ok=True)
-        (run.workdir / 'config.json').write_text(run.config.to_json_best_effort(indent=2) + '\n')
+        text = run.config.to_json_best_effort(indent=2) + '\n'
+        wd.write_atomically(run.workdir / 'config.json', lambda f: f.write(text.encode()))
 
+
+def _is_oom(error: BaseException) -> bool:
+    """Whether `error` is XLA's out-of-memory error (RESOURCE_EXHAUSTED)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(error)
+
+
+def _xla_summary(error: BaseException) -> str:
+    """XLA's first line, capped (its allocation size), for the end of our message."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return text[:120] + ('...' if len(text) > 120 else '')
+
+
+def _training_oom(run: Run, error: BaseException) -> OutOfMemory:
+    batch, devices = run.config.train.batch_size, run.mesh.size
+    return OutOfMemory(f'out of device memory training with train.batch_size={batch} ({batch // devices} '
+                       f'images per device on {devices} device{"s" if devices > 1 else ""}): pass a smaller '
+                       f'--config.train.batch_size or run on more devices ({_xla_summary(error)})')
+
+
+# ------------------------------------------------------------------------------------------------
+# Training.
 
 def train_and_evaluate(config, workdir) -> dict:
-    """Train (resuming from the latest checkpoint), then sample and score if configured."""
+    """Train (resuming from the latest checkpoint), then sample and score if configured. A run
+    stopped by a pre-emption notice returns {'step': ..., 'preempted': True} (launch.py exits 75)."""
     run = prepare(config, workdir)
-    monitor.setup_logging(run.workdir, run.is_main)
-    _save_config(run)
-    state = run_training(run)
-    result = {}
-    finished = int(state.step) >= config.train.total_images // config.train.batch_size
-    if config.eval.after_training and finished:  # Not after a pre-emption: there is no time left.
-        writer = monitor.Writer(run.workdir / 'tb', enabled=run.is_main)
-        result = sample_and_score(run, state.ema_params, int(state.step), writer, strict=False)
-        writer.close()
-    return result
+    with _open_workdir(run, create=True):
+        state = run_training(run)
+        step = int(state.step)
+        if step < config.train.total_images // config.train.batch_size:
+            return {'step': step, 'preempted': True}  # No sampling: there is no time left.
+        result = {}
+        if config.eval.after_training:
+            writer = monitor.Writer(run.workdir / 'tb', enabled=run.is_main)
+            try:
+                result = sample_and_score(run, state.ema_params, step, writer, strict=False)
+            finally:
+                writer.close()
+        return result
 
 
 def run_training(run: Run):
+    """Restore (or initialise) the train state, write config.json, train to train.total_images
+    (or a pre-emption notice), saving checkpoints; returns the final state."""
     config = run.config
     setup = train.make_setup(config, run.module, run.make_model, builders.build_loss(config))
     abstract, shardings = _abstract_state(run, setup)
     ckpt = checkpoint.Checkpointer(run.workdir / 'checkpoints', keep=config.train.keep_checkpoints)
-    ckpt.catch_sigterm()
-    iterator = data.train_iterator(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+        ckpt.catch_sigterm()
+        iterator = data.train_iterator(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+        state = _initial_state(run, setup, abstract, shardings, ckpt, iterator)
+        _save_config(run)  # only now: the config has restored the checkpoint (or there is none)
+        return _train_loop(run, setup, shardings, ckpt, iterator, state)
+    except jax.errors.JaxRuntimeError as e:
+        if _is_oom(e):
+            raise _training_oom(run, e) from None
+        raise
+    finally:
+        ckpt.close()  # waits for the last save, raising a CheckpointSaveError if it failed
+
+
+def _initial_state(run: Run, setup, abstract, shardings, ckpt, iterator):
+    """The latest checkpoint's state (the iterator set to its position), or a fresh one."""
     restored = ckpt.restore_latest(abstract)
     if restored is None:
-        init = jax.jit(lambda key: train.init_state(setup, key, run.image_shape, run.label_dim), out_shardings=shardings)
-        state = init(jax.random.key(config.seed))
+        init = jax.jit(lambda key: train.init_state(setup, key, run.image_shape, run.label_dim),
+                       out_shardings=shardings)
         log.info('Starting a new run in %s', run.workdir)
-    else:
-        step, state, data_state = restored
-        iterator.set_state(data_state)
-        log.info('Resumed from step %d (%d images) in %s', step, step * config.train.batch_size, run.workdir)
+        return init(jax.random.key(run.config.seed))
+    step, state, data_state = restored
+    iterator.set_state(data_state)
+    log.info('Resumed from step %d (%d images) in %s', step, step * run.config.train.batch_size, run.workdir)
+    return state
 
+
+def _train_loop(run: Run, setup, shardings, ckpt, iterator, state):
+    """The steps from state.step to the end (or a pre-emption), with logs, checkpoints, grids."""
+    config = run.config
     total_steps = config.train.total_images // config.train.batch_size
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info('%s with %.2fM parameters; %d devices; batch %d; %d steps (%d images)', config.model.type,
@@ -139,9 +313,12 @@ def run_training(run: Run):
 
     step_fn = train.compile_train_step(setup, shardings, parallel.batch_sharding(run.mesh), parallel.replicated(run.mesh))
     base_key = jax.random.key(config.seed + 1)
+    step, skipped = int(state.step), int(state.skipped)
+    if step < total_steps:
+        log.info('Compiling the training step: seconds on a GPU or TPU, up to minutes on a busy CPU, where '
+                 'XLA may print a "Very slow compile?" banner after 2 minutes (not an error)')
     writer = monitor.Writer(run.workdir / 'tb', enabled=run.is_main)
-    progress = monitor.Progress(total_steps, int(state.step), config.train.batch_size, enabled=run.is_main)
-    step = int(state.step)
+    progress = monitor.Progress(total_steps, step, config.train.batch_size, enabled=run.is_main)
     start_time = time.perf_counter()
     compiled = False
     try:
@@ -159,9 +336,11 @@ def run_training(run: Run):
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 values['images_per_sec'] = progress.report(values)
                 writer.scalars(step, values)
+                skipped = _log_metrics(step, total_steps, values, skipped)
             if step % config.train.checkpoint_every_steps == 0 or step == total_steps or ckpt.reached_preemption(step):
                 ckpt.save(step, state, data_state=iterator.get_state(), config=config.to_dict())
                 if ckpt.reached_preemption(step):
+                    ckpt.wait()
                     log.warning('Pre-empted: saved step %d, stopping', step)
                     break
                 progress.reset_clock()
@@ -169,20 +348,60 @@ def run_training(run: Run):
                 _sample_grid(run, state.ema_params, step, writer)
                 progress.reset_clock()
     finally:
-        ckpt.wait()
-        ckpt.close()
         progress.close()
         writer.close()
     log.info('Trained to step %d in %.1f s', step, time.perf_counter() - start_time)
     return state
 
 
-def _sample_grid(run: Run, ema_params, step: int, writer=None, num: int = 64) -> np.ndarray:
-    samples = _sample(run, ema_params, num)
+def _log_metrics(step: int, total_steps: int, values: dict, skipped_before: int) -> int:
+    """The periodic line of log.txt (the console has the progress bar), and a warning on the
+    console too when updates were skipped since the last one. Returns the skipped count."""
+    log.info('step %d/%d: loss %.4f, %.1f images/s, learning rate %.3g, gradient norm %.3g, %d skipped',
+             step, total_steps, values['loss'], values['images_per_sec'], values['learning_rate'],
+             values['grad_norm'], values['skipped'], extra=monitor.FILE_ONLY)
+    skipped = int(values['skipped'])
+    if skipped > skipped_before:
+        log.warning('%d update(s) skipped by step %d (%d in all): non-finite loss, gradients or weights',
+                    skipped - skipped_before, step, skipped)
+    return skipped
+
+
+def _write_samples(run: Run, samples: np.ndarray, step: int, prefix: str = '', *, grid_samples=None,
+                   paths=None) -> tuple[pathlib.Path, pathlib.Path, Image.Image]:
+    """samples/<prefix>samples_<step>.npz and <prefix>grid_<step>.png (of `grid_samples`, default
+    all), under fresh names (`paths`, or .1, .2, ... when taken) and written atomically. Returns
+    the two paths and the grid."""
+    out = run.workdir / 'samples'
+    out.mkdir(parents=True, exist_ok=True)
+    npz_path, grid_path = paths or _sample_paths(run, step, prefix)
+    arrays = {'images': images.to_uint8(samples)}
+    if run.label_dim:
+        arrays['labels'] = generate.balanced_labels(len(samples), run.label_dim).argmax(1)
+    wd.write_atomically(npz_path, lambda f: np.savez(f, **arrays))
+    grid = images.image_grid(samples if grid_samples is None else grid_samples,
+                             upscale=max(1, 64 // run.info.resolution))
+    wd.write_atomically(grid_path, lambda f: grid.save(f, format='PNG'))
+    return npz_path, grid_path, grid
+
+
+def _sample_paths(run: Run, step: int, prefix: str = '') -> list[pathlib.Path]:
+    return wd.fresh_names(run.workdir / 'samples', [f'{prefix}samples_{step:08d}.npz', f'{prefix}grid_{step:08d}.png'])
+
+
+def _sample_grid(run: Run, ema_params, step: int, writer=None, num: int = 64) -> np.ndarray | None:
+    """A grid of `num` samples in samples/ and TensorBoard during training; a warning instead
+    when the samples are not finite (training goes on: its updates never make weights so)."""
+    try:
+        samples = _sample(run, ema_params, num)
+    except NonFiniteSamples as e:
+        log.warning('No sample grid at step %d: %s', step, e)
+        return None
     grid = images.image_grid(samples, upscale=max(1, 64 // run.info.resolution))
     if run.is_main:
         (run.workdir / 'samples').mkdir(parents=True, exist_ok=True)
-        grid.save(run.workdir / 'samples' / f'grid_{step:08d}.png')
+        path, = wd.fresh_names(run.workdir / 'samples', [f'grid_{step:08d}.png'])
+        wd.write_atomically(path, lambda f: grid.save(f, format='PNG'))
         if writer is not None:
             writer.image(step, 'samples', np.asarray(grid))
     return samples
@@ -193,11 +412,23 @@ def _sample(run: Run, params, num: int, seed: int | None = None, timing: dict | 
     the first batch (compilation included) and of the rest."""
     config = run.config
     labels = generate.balanced_labels(num, run.label_dim) if run.label_dim else None
+    seed = config.sample.seed if seed is None else seed
+    batch_size = min(config.sample.batch_size, num)
     marks = []
-    samples = generate.sample_many(run.sampling.draw, run.module, params, num, image_shape=run.image_shape,
-                                   seed=config.sample.seed if seed is None else seed,
-                                   batch_size=min(config.sample.batch_size, num), labels=labels,
-                                   progress=lambda done, total, seconds: marks.append((done, seconds)))
+    try:
+        samples = generate.sample_many(run.sampling.draw, run.module, params, num, image_shape=run.image_shape,
+                                       seed=seed, batch_size=batch_size, labels=labels,
+                                       progress=lambda done, total, seconds: marks.append((done, seconds)))
+    except jax.errors.JaxRuntimeError as e:
+        if _is_oom(e):
+            raise OutOfMemory(f'out of device memory sampling batches of {batch_size} images: pass a smaller '
+                              f'--config.sample.batch_size (and --config.eval.batch_size) ({_xla_summary(e)})') from None
+        raise
+    bad = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))
+    if bad:
+        raise NonFiniteSamples(f'{bad} of {num} samples (seeds {seed}-{seed + num - 1}) are not finite (nan or '
+                               'inf), so none were written or scored: the model\'s weights are probably not '
+                               'finite (look for skipped updates in log.txt)')
     if timing is not None and marks:
         timing.update(first_batch=marks[0][0], first_batch_seconds=marks[0][1],
                       rest=num - marks[0][0], rest_seconds=marks[-1][1] - marks[0][1])
@@ -231,10 +462,14 @@ def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = 
         return blocks[seed]
 
     denoise = run.make_model(run.module, params) if config.method == 'edm' else None
+    paths = _sample_paths(run, step, prefix)
+    run_info = {'sampler': run.sampling.description, 'num_evals': run.sampling.num_evals}
+    if (set(config.eval.metrics) & set(scoring.SAMPLE_METRICS) and config.eval.seed == config.sample.seed
+            and config.eval.num_samples >= config.sample.num_samples):  # the .npz will hold the scored set
+        run_info['samples_file'] = str(paths[0].relative_to(run.workdir))
     try:
         result = scoring.evaluate_samples(config, sample_fn, step=step, workdir=run.workdir if run.is_main else None,
-                                          denoise=denoise, run_info={'sampler': run.sampling.description,
-                                                                     'num_evals': run.sampling.num_evals})
+                                          denoise=denoise, run_info=run_info)
     except (ValueError, FileNotFoundError) as e:
         if strict:
             raise
@@ -253,20 +488,13 @@ def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = 
     if samples is None or config.eval.seed != config.sample.seed or len(samples) < config.sample.num_samples:
         samples = _sample(run, params, config.sample.num_samples)
     if run.is_main:
-        out = run.workdir / 'samples'
-        out.mkdir(parents=True, exist_ok=True)
-        arrays = {'images': images.to_uint8(samples)}
-        if run.label_dim:
-            arrays['labels'] = generate.balanced_labels(len(samples), run.label_dim).argmax(1)
-        np.savez(out / f'{prefix}samples_{step:08d}.npz', **arrays)
-        grid_path = out / f'{prefix}grid_{step:08d}.png'
-        grid = images.image_grid(samples[:config.sample.num_samples], upscale=max(1, 64 // run.info.resolution))
-        grid.save(grid_path)
+        npz_path, grid_path, grid = _write_samples(run, samples, step, prefix, paths=paths,
+                                                   grid_samples=samples[:config.sample.num_samples])
         if writer is not None:
             writer.image(step, 'samples', np.asarray(grid))
             writer.scalars(step, {f'eval/{k}': result[k] for k in ('fd', 'fd_floor', 'kid', 'precision', 'recall', 'bpd')
                                   if isinstance(result.get(k), (int, float))})
-        log.info('Wrote %s and %s', out / f'{prefix}samples_{step:08d}.npz', grid_path)
+        log.info('Wrote %s and %s', npz_path, grid_path)
     return result
 
 
@@ -295,28 +523,27 @@ def _restore_ema(run: Run):
 
 
 def sample_mode(config, workdir) -> dict:
+    """config.sample.num_samples samples of the latest checkpoint: samples/samples_<step>.npz and
+    grid_<step>.png, or .1, .2, ... beside what training or an earlier call wrote for that step."""
     run = prepare(config, workdir)
     _require_checkpoints(run)
-    monitor.setup_logging(run.workdir, run.is_main)
-    step, ema = _restore_ema(run)
-    timing = {}
-    samples = _sample(run, ema, config.sample.num_samples, timing=timing)
-    _log_sampling(run, len(samples), timing)
-    out = run.workdir / 'samples'
-    if run.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        arrays = {'images': images.to_uint8(samples)}
-        if run.label_dim:
-            arrays['labels'] = generate.balanced_labels(len(samples), run.label_dim).argmax(1)
-        np.savez(out / f'samples_{step:08d}.npz', **arrays)
-        images.image_grid(samples, upscale=max(1, 64 // run.info.resolution)).save(out / f'grid_{step:08d}.png')
-        log.info('Wrote %d samples of step %d to %s', len(samples), step, out)
-    return {'step': step, 'num_samples': len(samples)}
+    with _open_workdir(run, create=False):
+        step, ema = _restore_ema(run)
+        timing = {}
+        samples = _sample(run, ema, config.sample.num_samples, timing=timing)
+        _log_sampling(run, len(samples), timing)
+        result = {'step': step, 'num_samples': len(samples)}
+        if run.is_main:
+            npz_path, grid_path, _ = _write_samples(run, samples, step)
+            log.info('Wrote %d samples of step %d to %s and %s', len(samples), step, npz_path, grid_path)
+            result['samples_file'] = str(npz_path)
+        return result
 
 
 def eval_mode(config, workdir) -> dict:
+    """Sample and score the latest checkpoint (`sample_and_score`, files prefixed eval_)."""
     run = prepare(config, workdir)
     _require_checkpoints(run)
-    monitor.setup_logging(run.workdir, run.is_main)
-    step, ema = _restore_ema(run)
-    return sample_and_score(run, ema, step, prefix='eval_')
+    with _open_workdir(run, create=False):
+        step, ema = _restore_ema(run)
+        return sample_and_score(run, ema, step, prefix='eval_')

@@ -164,7 +164,7 @@ class StepTable(NamedTuple):
     sigma_cur: np.ndarray
     s_cur: np.ndarray
     x_scale: np.ndarray       # s(t_hat) / s(t_cur)
-    noise_scale: np.ndarray   # sqrt(max(sigma(t_hat)^2 - sigma(t_cur)^2, 0)) s(t_hat) S_noise
+    noise_scale: np.ndarray   # sqrt(max(sigma(t_hat)^2 - sigma(t_cur)^2, 0)) s(t_hat) S_noise; 0 where gamma = 0
     sigma_hat: np.ndarray
     s_hat: np.ndarray
     a_hat: np.ndarray
@@ -195,7 +195,10 @@ def step_table(sampler: Sampler, net_sigma_min: float = 0.0, net_sigma_max: floa
     gamma = np.where(churn, min(sampler.S_churn / sampler.num_steps, np.sqrt(2) - 1), 0.0)
     t_hat = f64(proc.sigma_inv(f64(round_sigma(sigma_cur + gamma * sigma_cur))))
     sigma_hat, s_hat = proc.sigma(t_hat), proc.scale(t_hat)
-    noise_scale = np.sqrt(np.clip(sigma_hat ** 2 - sigma_cur ** 2, 0, None)) * s_hat * sampler.S_noise
+    # Where gamma = 0, sigma_hat^2 - sigma_cur^2 is round-off from sigma(sigma_inv(sigma)) (about
+    # 1e-20 with schedule 'vp', whose square root 1e-10 would still need a key): exactly no noise.
+    noise_scale = np.where(gamma > 0, np.sqrt(np.clip(sigma_hat ** 2 - sigma_cur ** 2, 0, None)), 0.0)
+    noise_scale = noise_scale * s_hat * sampler.S_noise
     h = t_next - t_hat
 
     def ode_coefficients(t):

@@ -66,7 +66,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import time
 from typing import Callable
 
@@ -75,6 +74,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdiff import data, images, metrics
+from jaxdiff.workdir import write_atomically
 from jaxdiff.monitor import log as _logger
 
 METRICS = ('fd', 'kid', 'prdc', 'is', 'bpd')
@@ -248,15 +248,8 @@ def save_reference(path, mu, sigma, features=None, **meta) -> pathlib.Path:
         arrays['features'] = features
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    # Not tempfile.mkstemp: its files are 0600 whatever the umask, and the rename kept that mode.
+    return write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_reference(path) -> Reference:

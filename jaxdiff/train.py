@@ -10,14 +10,17 @@ over a ('data', 'fsdp') mesh. EDM's conventions, in units of images:
   EMA             beta = 0.5 ** (batch / halflife), halflife = min(halflife_images,
                   rampup_ratio * images_seen); ema <- beta ema + (1 - beta) params
 
-A step whose loss or gradients are not finite leaves params, EMA and optimiser state unchanged
-and is counted in `skipped`. Random keys are derived from (seed, step), so a resumed run draws
+A step whose loss, gradients or resulting parameters (or EMA) are not finite leaves params, EMA
+and optimiser state unchanged and is counted in `skipped`: a finite gradient can still give a
+non-finite update (an overflowing Adam step, a learning rate of nan or inf). Random keys are derived from (seed, step), so a resumed run draws
 the same noise as an uninterrupted one.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any, Callable
 
 import flax.struct
@@ -80,16 +83,61 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
     return adam
 
 
+def check_number(config, field: str, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False, allow_inf: bool = False) -> None:
+    """Raise a ValueError naming `field` (dotted, e.g. 'optim.lr') unless its value is a number
+    (an integer if `integer`), finite unless `allow_inf`, and within [low, high] (an end
+    excluded when `low_open` / `high_open`)."""
+    value = config
+    for name in field.split('.'):
+        value = value[name]
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f'{field} must be {"an integer" if integer else "a number"}, got {value!r}')
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f'{field} must be finite, got {value!r}')
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ValueError(f'{field} must be {_range_text(low, high, low_open, high_open)}, got {value!r}')
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    """'in [0, 1)', '> 0', '<= 5', ... for `check_number`'s messages."""
+    if low is not None and high is not None:
+        return f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+    if low is not None:
+        return f'{">" if low_open else ">="} {low}'
+    return f'{"<" if high_open else "<="} {high}'
+
+
+def check_config(config) -> None:
+    """The numeric fields the training step reads (optim, ema, train, seed), each a ValueError
+    naming the field: a learning rate of nan would otherwise train to non-finite weights."""
+    check_number(config, 'seed', low=0, high=2 ** 31 - 1, high_open=True, integer=True)  # seed + 1 keys the noise
+    check_number(config, 'optim.lr', low=0, low_open=True)
+    for field in ('optim.warmup_images', 'optim.cooldown_images', 'optim.grad_clip', 'ema.halflife_images',
+                  'ema.rampup_ratio'):
+        check_number(config, field, low=0)
+    for field in ('optim.beta1', 'optim.beta2'):
+        check_number(config, field, low=0, high=1, high_open=True)
+    check_number(config, 'optim.eps', low=0, low_open=True)
+    check_number(config, 'train.batch_size', low=1, integer=True)
+    check_number(config, 'train.total_images', low=1, integer=True)
+    cooldown, total = config.optim.cooldown_images, config.train.total_images
+    if not 0 <= cooldown <= total:
+        raise ValueError(f'optim.cooldown_images={cooldown} must lie in [0, train.total_images={total}]')
+
+
 def make_setup(config, module, make_model, loss_fn) -> TrainSetup:
     """The static training setup of a run's config (optimiser, EMA, batch size).
 
     make_model(module, params, *, train, dropout_key) builds what `loss_fn(model, images, key,
     labels)` trains: a denoiser (`builders.model_factory` of a preconditioning, EDM), an eps model
     (blurring diffusion) or a heat model (IHDM)."""
+    check_config(config)
     batch_size = config.train.batch_size
     cooldown, total = config.optim.cooldown_images, config.train.total_images
-    if not 0 <= cooldown <= total:
-        raise ValueError(f'optim.cooldown_images={cooldown} must lie in [0, train.total_images={total}]')
     schedule = functools.partial(learning_rate, lr=config.optim.lr, batch_size=batch_size,
                                  warmup_images=config.optim.warmup_images, cooldown_images=cooldown,
                                  total_images=total)
@@ -125,6 +173,11 @@ def loss_and_grads(setup: TrainSetup, params, batch, key):
     return objective_value, mean_loss, grads
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every element of every leaf of `tree` is finite (a norm could overflow instead)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def train_step(setup: TrainSetup, state: TrainState, batch: dict, base_key) -> tuple[TrainState, dict]:
     """One optimiser step on one global batch; non-finite updates are skipped and counted."""
     key = jax.random.fold_in(base_key, state.step)
@@ -138,6 +191,7 @@ def train_step(setup: TrainSetup, state: TrainState, batch: dict, base_key) -> t
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(mean_loss) & jnp.isfinite(grad_norm)  # A non-finite gradient makes the norm so.
+    finite = finite & all_finite(params) & all_finite(ema_params)  # The update itself, whatever its cause.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1,
                            params=keep(params, state.params),

@@ -63,9 +63,10 @@ def test_method_trains_samples_and_scores_through_the_runner(make_config, tmp_pa
     assert images.shape == (32, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == ['2', '4']
     # Sample mode restores the EMA parameters and draws the same first samples (seed i -> sample i).
+    # It never overwrites: training's samples_00000004.npz (what the eval JSON scored) stays.
     out = runner.sample_mode(config, tmp_path)
-    assert out == {'step': 4, 'num_samples': 16}
-    with np.load(tmp_path / 'samples' / 'samples_00000004.npz') as f:
+    assert out == {'step': 4, 'num_samples': 16, 'samples_file': str(tmp_path / 'samples' / 'samples_00000004.1.npz')}
+    with np.load(out['samples_file']) as f:
         again = f['images']
     assert np.abs(again.astype(int) - images[:16].astype(int)).max() <= 1
 

@@ -7,6 +7,8 @@ a persistent compilation cache (in a temporary directory, for this module only; 
 get their own): the repeats of one program are then cache hits. A cache hit runs the very
 executable a fresh compilation gives, so no result depends on it.
 """
+import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import builders, checkpoint, monitor, runner, train
+from jaxdiff import builders, checkpoint, monitor, runner, train, workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -156,6 +158,17 @@ CONFIG_ERRORS = [
     ('precond.type', 'x', r'precond\.type must be one of'),
     ('mesh.data', 2, r'mesh\.data \* mesh\.fsdp must equal the 1 devices'),
     ('train.total_images', 8, r'train\.total_images=8 is less than one batch'),
+    # Numbers that passed as nan or inf and trained to non-finite weights (issue 11, part 4).
+    ('optim.lr', float('nan'), r'optim\.lr must be finite, got nan'),
+    ('optim.lr', 0.0, r'optim\.lr must be > 0, got 0\.0'),
+    ('optim.beta2', 1.0, r'optim\.beta2 must be in \[0, 1\), got 1\.0'),
+    ('optim.eps', float('inf'), r'optim\.eps must be finite'),
+    ('ema.rampup_ratio', float('inf'), r'ema\.rampup_ratio must be finite'),
+    ('loss.P_std', 0.0, r'loss\.P_std must be > 0'),
+    ('precond.sigma_data', -0.5, r'precond\.sigma_data must be > 0'),
+    ('sample.S_noise', float('nan'), r'sample\.S_noise must be finite'),
+    ('sample.S_max', float('nan'), r'sample\.S_max must be finite'),
+    ('seed', -1, r'seed must be in \[0, 2147483647\), got -1'),
 ]
 
 
@@ -203,6 +216,15 @@ def test_prepare_catches_late_config_errors(field, value, message, tmp_path):
         runner.prepare(config, tmp_path)
 
 
+def test_workdir_that_is_a_file_or_cannot_be_created(tmp_path):
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(ValueError, match=r'--workdir \S*file is an existing file, not a directory'):
+        runner.train_and_evaluate(tiny_config(), tmp_path / 'file')
+    with pytest.raises(ValueError, match=r'--workdir /proc/foo cannot be created'):
+        runner.train_and_evaluate(tiny_config(), '/proc/foo')
+    assert os.listdir(tmp_path) == ['file']
+
+
 def launch(args, workdir, *, env=None, timeout=900, **kwargs):
     env = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))
     return subprocess.run([sys.executable, 'launch.py', '--config=configs/edm.py', f'--workdir={workdir}', *args],
@@ -214,6 +236,29 @@ def test_launch_config_error_exits_2_naming_the_field(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: data.name='nope' is neither an embedded data set" in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+FLAG_ERRORS = [
+    (['--config=configs/edm.py:nope'],
+     r"error: flag --config=configs/edm\.py:nope: Unknown preset 'nope' for configs/edm\.py; choose one of \["),
+    (['--config.train.totl_images=5'],
+     r'error: --config\.train\.totl_images: the config has no field train\.totl_images; '
+     r'did you mean --config\.train\.total_images\?'),
+    (['--config=configs/nope.py'], r'error: --config: no config file configs/nope\.py'),
+]
+
+
+@pytest.mark.parametrize('args,message', FLAG_ERRORS, ids=['preset', 'field', 'file'])
+def test_launch_flag_errors_are_one_line(args, message, tmp_path):
+    """Mistakes found while absl and ml_collections parse the flags (before main): an unknown
+    preset and a misspelt field came out as tracebacks (exit 1), a missing config file as a
+    traceback from the first use of the config."""
+    config = [] if args[0].startswith('--config=') else ['--config=configs/edm.py']
+    proc = subprocess.run([sys.executable, 'launch.py', *config, *args, f'--workdir={tmp_path / "w"}'], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.fullmatch(message + r'.*\n', proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / 'w').exists()
 
 
 def test_launch_overrides_sequence_fields(tmp_path):
@@ -234,8 +279,8 @@ def test_sample_and_eval_modes(tmp_path):
     config = tiny_config(4)
     runner.train_and_evaluate(config, tmp_path)
     result = runner.sample_mode(config, tmp_path)
-    assert result == {'step': 4, 'num_samples': 16}
     npz = tmp_path / 'samples' / 'samples_00000004.npz'
+    assert result == {'step': 4, 'num_samples': 16, 'samples_file': str(npz)}
     with np.load(npz) as f:
         assert sorted(f.files) == ['images']
         sampled = f['images']
@@ -261,6 +306,19 @@ def test_sample_and_eval_modes(tmp_path):
     assert np.abs(evaluated[:16].astype(int) - sampled.astype(int)).max() <= 1
     with np.load(npz) as f:  # eval mode does not overwrite what sample mode wrote
         assert np.array_equal(f['images'], sampled)
+    assert report['samples_file'] == 'samples/eval_samples_00000004.npz'  # the scored samples
+
+    # Again: sample mode never overwrites (samples_<step>.npz may be what an eval JSON scored);
+    # a second evaluation numbers its JSON and samples alike.
+    again = runner.sample_mode(config, tmp_path)
+    assert again['samples_file'] == str(tmp_path / 'samples' / 'samples_00000004.1.npz')
+    assert (tmp_path / 'samples' / 'grid_00000004.1.png').is_file()
+    with np.load(npz) as f:
+        assert np.array_equal(f['images'], sampled)
+    runner.eval_mode(config, tmp_path)
+    report_1 = json.loads((tmp_path / 'eval_00000004.1.json').read_text())
+    assert report_1['samples_file'] == 'samples/eval_samples_00000004.1.npz'
+    assert (tmp_path / report_1['samples_file']).is_file() and (tmp_path / report['samples_file']).is_file()
 
 
 def test_sample_mode_without_checkpoint(tmp_path):
@@ -272,6 +330,144 @@ def test_sample_mode_without_checkpoint(tmp_path):
     assert re.search(r'error: No checkpoint directory \S*empty/checkpoints: train first \(--mode=train\)', proc.stderr)
     assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'empty').exists()  # a mistyped workdir is not created
+
+
+# ------------------------------------------------------------------------------------------------
+# The work directory: config against the checkpoints, the lock, failures during a run.
+
+def fake_checkpoint(workdir, config, step=4):
+    """A checkpoint saved with `config` (its state a stand-in: what a check before the restore
+    reads is the config) and a config.json that must stay as it is."""
+    ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints')
+    ckpt.save(step, {'w': jax.numpy.zeros(3)}, data_state={'next_index': step}, config=config.to_dict())
+    ckpt.close()
+    (pathlib.Path(workdir) / 'config.json').write_text('the original\n')
+
+
+def test_config_differences_name_the_trajectory_fields_only():
+    saved = tiny_config().to_dict()
+    same_trajectory = tiny_config(100)  # a longer run, another sampler and evaluation, other cadence
+    same_trajectory.sample.num_steps, same_trajectory.eval.num_samples = 18, 64
+    same_trajectory.train.log_every_steps, same_trajectory.train.keep_checkpoints = 7, 9
+    same_trajectory.mesh.fsdp, same_trajectory.train.allow_config_change = 1, True
+    assert runner.config_differences(saved, same_trajectory) == []
+
+    changed = tiny_config()
+    changed.model.kwargs.model_channels, changed.optim.lr, changed.seed = 64, 1e-4, 3
+    assert runner.config_differences(saved, changed) == [
+        'model.kwargs.model_channels 8 -> 64', 'optim.lr 0.002 -> 0.0001', 'seed 0 -> 3']
+
+    from configs import blurring
+    other = blurring.get_config()
+    diffs = runner.config_differences(edm.get_config().to_dict(), other)
+    assert 'method edm -> blurring' in diffs and 'loss.type edm -> eps' in diffs
+    assert 'process.sigma_blur_max (absent) -> 5.0' in diffs
+    assert not [d for d in diffs if d.startswith(('sample.', 'eval.'))]
+
+
+def test_changed_config_is_refused_before_anything_is_written(tmp_path):
+    fake_checkpoint(tmp_path, tiny_config())
+    before = sorted(os.listdir(tmp_path))
+    changed = tiny_config()
+    changed.model.kwargs.model_channels = 16
+    message = (rf'^{tmp_path} was trained with a different config: model\.kwargs\.model_channels 8 -> 16; pass '
+               r'--config\.train\.allow_config_change=True to go on anyway, or another --workdir$')
+    for mode in (runner.train_and_evaluate, runner.sample_mode, runner.eval_mode):
+        with pytest.raises(ValueError, match=message):
+            mode(changed, tmp_path)
+    assert set(os.listdir(tmp_path)) - set(before) == {'.lock'}  # no log.txt, tb/ or samples/
+    assert (tmp_path / 'config.json').read_text() == 'the original\n'
+
+    # Allowed, the change goes on to the restore, which fails in one line (the network does not
+    # fit the checkpoint); config.json is still the checkpoints' (written only after a restore).
+    changed.train.allow_config_change = True
+    with pytest.raises(checkpoint.CheckpointError, match=r'^no checkpoint in \S* could be restored \(step 4: '
+                                                         r'ValueError: the stored state does not fit the model') as e:
+        runner.train_and_evaluate(changed, tmp_path)
+    assert '\n' not in str(e.value)
+    assert (tmp_path / 'config.json').read_text() == 'the original\n'
+    assert 'model.kwargs.model_channels 8 -> 16' in (tmp_path / 'log.txt').read_text()
+
+
+def test_a_workdir_in_use_is_refused(tmp_path):
+    (tmp_path / 'checkpoints').mkdir()
+    with workdir.lock(tmp_path):
+        for mode in (runner.train_and_evaluate, runner.sample_mode):
+            with pytest.raises(workdir.WorkdirBusy, match=rf'^{tmp_path} is in use by another jaxdiff process '
+                                                          rf'\(PID {os.getpid()}, holding'):
+                mode(tiny_config(), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ['.lock', 'checkpoints']
+
+
+def test_preempted_run_returns_preempted_and_logs_to_the_file(tmp_path, monkeypatch, capfd):
+    """A pre-emption notice at step 2 of 4: saved, stopped, {'preempted': True} (launch.py exits
+    75). log.txt has the periodic loss and images/s lines, which the console shows in the
+    progress bar only, and the notice that compiling may take minutes."""
+    monkeypatch.setattr(checkpoint.Checkpointer, 'reached_preemption', lambda self, step: step >= 2)
+    result = runner.train_and_evaluate(tiny_config(4), tmp_path)
+    assert result == {'step': 2, 'preempted': True}
+    assert checkpoint_steps(tmp_path) == [2]
+    log_text = (tmp_path / 'log.txt').read_text()
+    assert re.search(r'INFO step 2/4: loss \d+\.\d+, \d+\.\d images/s, learning rate \S+, gradient norm \S+, '
+                     r'0 skipped\n', log_text), log_text
+    assert 'Compiling the training step' in log_text and 'Pre-empted: saved step 2, stopping' in log_text
+    console = capfd.readouterr().err
+    assert 'Compiling the training step' in console and 'step 2/4: loss' not in console
+
+
+def test_failed_save_stops_the_run_in_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    """A full disk at the second checkpoint (step 8): a one-line error naming both steps, step 4
+    intact (test_checkpoint.py: the next successful save removes the failed one's tmp directory)."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+    original = handler.JsonCheckpointHandler._save_fn
+
+    async def disk_full_at_8(self, x, directory):
+        if '8.orbax-checkpoint-tmp' in str(directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await original(self, x, directory)
+
+    monkeypatch.setattr(handler.JsonCheckpointHandler, '_save_fn', disk_full_at_8)
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=r'^could not save checkpoint step 8 in \S+ \(OSError: \[Errno 28\] No space left on '
+                             r'device.*\); the previous checkpoint \(step 4\) is intact') as e:
+        runner.train_and_evaluate(tiny_config(8), tmp_path)
+    assert '\n' not in str(e.value)
+    assert checkpoint_steps(tmp_path) == [4]
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '8.orbax-checkpoint-tmp']
+
+
+def _xla_oom(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.')
+
+
+def test_out_of_memory_names_the_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, 'compile_train_step', lambda *args, **kwargs: _xla_oom)
+    with pytest.raises(runner.OutOfMemory, match=r'^out of device memory training with train\.batch_size=16 '
+                                                 r'\(16 images per device on 1 device\): pass a smaller '
+                                                 r'--config\.train\.batch_size or run on more devices '
+                                                 r'\(RESOURCE_EXHAUSTED: Out of memory while trying to allocate '
+                                                 r'4\.00GiB\.\)$'):
+        runner.train_and_evaluate(tiny_config(4), tmp_path)
+    run = runner.prepare(tiny_config(), tmp_path)
+    run = dataclasses.replace(run, sampling=dataclasses.replace(run.sampling, draw=_xla_oom))
+    with pytest.raises(runner.OutOfMemory, match=r'sampling batches of 16 images: pass a smaller '
+                                                 r'--config\.sample\.batch_size'):
+        runner._sample(run, None, 16)
+
+
+def test_non_finite_samples_are_not_written(tmp_path, caplog):
+    run = runner.prepare(tiny_config(), tmp_path)
+    monitor.setup_logging(run.workdir)
+
+    def nan_draw(module, params, keys, labels, image_shape):
+        return np.where(np.arange(len(keys))[:, None, None, None] % 2, np.nan, 0.0) * np.ones((1, *image_shape))
+
+    run = dataclasses.replace(run, sampling=dataclasses.replace(run.sampling, draw=nan_draw))
+    with pytest.raises(runner.NonFiniteSamples, match=r'^2 of 4 samples \(seeds 0-3\) are not finite'):
+        runner._sample(run, None, 4)
+    assert runner._sample_grid(run, None, 4, num=4) is None  # during training: a warning, no grid
+    assert 'No sample grid at step 4: 2 of 4 samples' in (tmp_path / 'log.txt').read_text()
+    assert not (tmp_path / 'samples').exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,7 +557,7 @@ def test_killed_run_resumes_to_the_same_state(tmp_path, cache_env):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((workdir / f'eval_{total:08d}.json').read_text())
     assert report['num_samples'] == 64 and sum(report['class_histogram']) == 64
-    with np.load(workdir / 'samples' / f'samples_{total:08d}.npz') as f:
+    with np.load(workdir / 'samples' / f'eval_samples_{total:08d}.npz') as f:
         assert f['images'].dtype == np.uint8 and f['images'].shape == (64, 8, 8, 1)
 
 
@@ -379,7 +575,8 @@ def test_sigterm_saves_and_stops_without_evaluating(tmp_path, cache_env):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
     output = (tmp_path / 'run.log').read_text()
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 75, output[-3000:]  # EX_TEMPFAIL: saved, run again to resume
+    assert 'run the same command again to resume (exit status 75)' in output
     saved = int(re.search(r'Pre-empted: saved step (\d+), stopping', output).group(1))
     assert 20 <= saved < total
     assert saved in checkpoint_steps(workdir)

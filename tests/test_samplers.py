@@ -1,5 +1,7 @@
 """Samplers: closed-form checks with the ideal Gaussian denoiser, compilation and reproducibility.
 The comparison with NVlabs/edm's recorded sampler runs is in test_samplers_edm.py."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +161,24 @@ def test_stochastic_sampler_without_noise_source_is_an_error():
     denoise = lambda x, sigma, labels=None, augment_labels=None: x * 0
     with pytest.raises(ValueError, match='key or step_noise'):
         samplers.sample(samplers.edm_sampler(num_steps=4, S_churn=5), denoise, jnp.ones((1, 2, 2, 1)))
+
+
+@pytest.mark.parametrize('cfg', [
+    samplers.Sampler(num_steps=256, solver='euler', discretization='vp', schedule='vp', scaling='vp'),
+    samplers.Sampler(num_steps=13, solver='heun', discretization='edm', schedule='vp', scaling='vp'),
+], ids=['readme_vp_euler', 'edm_heun_vp_schedule'])
+def test_deterministic_sampler_adds_no_noise_and_needs_no_key(cfg):
+    """With S_churn = 0 the schedule 'vp' round trip sigma(sigma_inv(sigma)) left noise scales of
+    2e-10..4e-8 in the step table, so sample() asked for a key: a deterministic sampler adds
+    exactly zero noise."""
+    table = samplers.step_table(cfg)
+    assert np.all(table.noise_scale == 0.0)
+    mean, cov = gaussian()
+    denoise = GaussianDenoiser.create(jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32))
+    x = samplers.sample(cfg, denoise, samplers.latents_from_keys(samplers.keys_from_seeds(np.arange(4)), SHAPE))
+    assert np.isfinite(np.asarray(x)).all()
+    churned = samplers.step_table(dataclasses.replace(cfg, S_churn=10.0))
+    assert np.all(churned.noise_scale > 0)  # where gamma > 0 the noise is still there
 
 
 @pytest.mark.parametrize('field,value', [('solver', 'rk4'), ('discretization', 'cosine'),

@@ -399,6 +399,41 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped():
     assert int(adam_state(state.opt_state).count) == 2
 
 
+def test_nonfinite_update_with_finite_loss_and_gradients_is_skipped():
+    """The guard checked the loss and the gradients, not the update: a learning rate of inf (or
+    an overflowing step) made every weight non-finite with both finite, and training went on
+    with nan weights. Here the schedule gives inf at step 1 only."""
+    config = tiny_config()
+    setup = dataclasses.replace(tiny_setup(config), lr_schedule=lambda step: jnp.where(step == 1, jnp.inf, 1e-3))
+    mesh, init, step_fn = one_device_step(setup)
+    batches = digits_batches(config, 3)
+    base_key = jax.random.key(config.seed + 1)
+    state, _ = step_fn(init(jax.random.key(config.seed)), parallel.global_batch(mesh, batches[0]), base_key)
+    before = host(state)
+    state, metrics = step_fn(state, parallel.global_batch(mesh, batches[1]), base_key)
+    assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))
+    assert int(state.step) == 2 and int(state.skipped) == 1
+    assert_tree_equal(host(state.params), before.params, 'params')
+    assert_tree_equal(host(state.ema_params), before.ema_params, 'ema')
+    assert_tree_equal(host(state.opt_state), before.opt_state, 'opt_state')
+    state, _ = step_fn(state, parallel.global_batch(mesh, batches[2]), base_key)
+    assert int(state.skipped) == 1 and all(np.isfinite(p).all() for p in jax.tree.leaves(host(state.params)))
+    assert any(not np.array_equal(p, q) for p, q in zip(jax.tree.leaves(host(state.params)),
+                                                       jax.tree.leaves(before.params)))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('lr', float('nan'), r'optim\.lr must be finite, got nan'),
+    ('lr', -1e-3, r'optim\.lr must be > 0'),
+    ('beta1', 1.0, r'optim\.beta1 must be in \[0, 1\)'),
+    ('eps', 0.0, r'optim\.eps must be > 0'),
+    ('grad_clip', float('inf'), r'optim\.grad_clip must be finite'),
+])
+def test_numeric_optim_fields_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_setup(tiny_config(**{field: value}))
+
+
 # ------------------------------------------------------------------------------------------------
 # Shardings.
 
