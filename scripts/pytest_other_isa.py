@@ -64,7 +64,7 @@ def other_isa_env(flags: set[str]) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     env = other_isa_env(cpu_flags())
     print('pytest_other_isa: ' + ' '.join(f'{k}="{v}"' for k, v in env.items()), flush=True)
-    args = argv or ['-q'] + NUMERICS_TESTS
+    args = argv or ['-q', '-n', '2'] + NUMERICS_TESTS
     return subprocess.run([sys.executable, '-m', 'pytest', *args], cwd=REPO, env=dict(os.environ, **env)).returncode
 
 
