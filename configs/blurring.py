@@ -4,7 +4,7 @@ A Gaussian diffusion in the DCT basis whose per-frequency scale blurs the image 
 (`jaxdiff.processes.BlurringProcess`), trained with the unweighted eps loss and sampled with the
 paper's ancestral sampler or, new in jaxdiff, the probability-flow ODE in scaled coordinates per
 frequency (`sample.solver`: ancestral | euler (DDIM) | heun | exp_heun; see
-`jaxdiff/process_samplers.py`). `process.sigma_blur_max = 0` is the plain cosine-logSNR diffusion.
+`jaxdiff/samplers`). `process.sigma_blur_max = 0` is the plain cosine-logSNR diffusion.
 
   (default)  the embedded sklearn digits, 8x8, the EDM digits preset's DDPM++ (0.75M parameters)
              and budget (200k images), ancestral sampling with T = 100: trains, samples and scores on 2 CPU cores.
@@ -32,13 +32,13 @@ def digits(c):
     c.ema.halflife_images, c.ema.rampup_ratio = 20_000, 0.05  # the EMA its digits figures were measured with
     # The paper's ancestral sampler by default: digits FD 6.4 at 1,024 samples (100 evaluations).
     # The deterministic ODE samplers need the low-SNR cutoff with a trained eps network
-    # (process_samplers.LowSNRCutoff): without it they gave checkerboard high frequencies (FD
+    # (parameterize.LowSNRCutoff): without it they gave checkerboard high frequencies (FD
     # 78-99); with it exp_heun gives FD 8.1 at 20 steps (39 evaluations) and 11.5 at 10 (19).
     # Try --config.sample.solver=exp_heun --config.sample.num_steps=20 (benchmarks/RESULTS.md §4).
     c.sample.solver = 'ancestral'
     c.sample.num_steps = 100
     c.sample.spacing = 'uniform'
-    c.sample.low_snr_cutoff = -8.0  # ODE solvers only (process_samplers.LowSNRCutoff)
+    c.sample.low_snr_cutoff = -8.0  # ODE solvers only (parameterize.LowSNRCutoff)
 
 
 def cifar10(c):

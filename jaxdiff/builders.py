@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import ihdm, losses, precond, process_samplers, processes, samplers
+from jaxdiff import ihdm, losses, parameterize, precond, processes, samplers
 from jaxdiff.nets import convert
 
 METHODS = ('edm', 'blurring', 'ihdm')
@@ -117,8 +117,11 @@ def check_method(config) -> None:
 def build_process(config):
     """The forward process of `config.process` (blurring: BlurringProcess; ihdm: HeatDissipation)."""
     cls = {'blurring': processes.BlurringProcess, 'ihdm': ihdm.HeatDissipation}[config.method]
+    fields = config.process.to_dict()
+    if config.method == 'blurring':
+        fields['schedule'] = processes.Cosine(fields.pop('logsnr_min', -10.0), fields.pop('logsnr_max', 10.0))
     try:
-        return cls(**config.process.to_dict())
+        return cls(**fields)
     except TypeError as e:  # An unknown field.
         raise ValueError(f'process: {e}') from None
     except ValueError as e:
@@ -136,7 +139,7 @@ def model_factory(config) -> Callable:
     return ihdm.make_model
 
 
-PROCESS_SOLVERS = ('ancestral',) + process_samplers.SOLVERS
+PROCESS_SOLVERS = ('ancestral', 'euler', 'heun', 'exp_heun', 'ddim', 'dpmpp_2m')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,19 +173,21 @@ def build_sampling(config, prior_images=None) -> Sampling:
         if s.solver not in PROCESS_SOLVERS:
             raise ValueError(f'sample.solver must be one of {PROCESS_SOLVERS} for method blurring, got {s.solver!r}')
         spacing = s.get('spacing', 'uniform')
-        if spacing not in process_samplers.SPACINGS:
-            raise ValueError(f'sample.spacing must be one of {process_samplers.SPACINGS}, got {spacing!r}')
-        cutoff = s.get('low_snr_cutoff', None)
+        if spacing not in ('uniform', 'rho'):
+            raise ValueError(f"sample.spacing must be one of ('uniform', 'rho'), got {spacing!r}")
+        lo, hi = samplers.grids.process_noise_range(process)
+        grid = dict(discretization='uniform') if spacing == 'uniform' else dict(discretization='edm', sigma_min=lo,
+                                                                                 sigma_max=hi)
+        sampler = samplers.Sampler(solver=s.solver, num_steps=s.num_steps, **grid)
+        cutoff = s.get('low_snr_cutoff', None) if s.solver != 'ancestral' else None
 
         def draw(module, params, keys, labels, image_shape):
-            model = precond.make_eps_model(module, params)
-            z = process_samplers.prior(process, keys, (len(keys),) + tuple(image_shape))
-            if s.solver == 'ancestral':
-                return process_samplers.ancestral_sample(model, process, z, keys, num_steps=s.num_steps, labels=labels)
-            return process_samplers.ode_sample(model, process, z, num_steps=s.num_steps, solver=s.solver,
-                                               spacing=spacing, labels=labels, low_snr_cutoff=cutoff)
-        evals = s.num_steps if s.solver in ('ancestral', 'euler') else 2 * s.num_steps - 1
-        return Sampling(draw, s.num_steps, evals, f'{s.solver} {s.num_steps} steps')
+            model = parameterize.make_model(module, params, process, 'eps')
+            if cutoff is not None:
+                model = parameterize.LowSNRCutoff(model, float(cutoff))
+            latents = samplers.latents_from_keys(keys, tuple(image_shape))
+            return samplers.sample(sampler, model, latents, keys, labels)
+        return Sampling(draw, s.num_steps, sampler.num_evals, f'{s.solver} {s.num_steps} steps')
 
     if s.num_steps != process.K:
         raise ValueError(f'sample.num_steps must equal process.K = {process.K} for method ihdm (its sampler '

@@ -316,7 +316,7 @@ def _sample(model, u_K, delta, keys, labels, step_noise, *, process, return_traj
         if given is not None:
             noise = given
         elif keys is not None:
-            noise = samplers.step_noise_from_keys(keys, i, u.shape[1:], u.dtype)
+            noise = samplers.step_noise_from_keys(keys, i, u.shape[1:], u.dtype)[0]
         else:
             noise = jnp.zeros((), u.dtype)
         # No noise after the last step (k = 1): the result is its mean.

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import samplers, schedules
+from jaxdiff.samplers import grids  # noqa: F401  (samplers.grids)
 
 METHODS = ('rk45', 'rk4', 'heun')
 TIMES = ('process', 'log_sigma')
@@ -191,13 +192,13 @@ def probability_flow(process: samplers.Sampler = samplers.Sampler(), denoise=Non
     if time not in TIMES:
         raise ValueError(f'time must be one of {TIMES}, got {time!r}')
     sigma_min, sigma_max = schedules.clamp_sigma_range(
-        *samplers.default_sigma_range(process), getattr(denoise, 'sigma_min', 0.0),
+        *samplers.grids.default_sigma_range(process), getattr(denoise, 'sigma_min', 0.0),
         getattr(denoise, 'sigma_max', float('inf')))
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f'The PF-ODE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
     betas = {}
     if process.schedule == 'vp':
-        # As samplers.sampler_process: the VP betas are fitted to the range.
+        # As samplers.steps.edm_time_variable: the VP betas are fitted to the range.
         beta_d, beta_min = schedules.vp_betas_for_range(sigma_min, sigma_max, process.epsilon_s)
         betas = dict(beta_d=beta_d, beta_min=beta_min)
     schedule = 'log' if time == 'log_sigma' else process.schedule
@@ -210,7 +211,7 @@ def time_grid(process: samplers.Sampler, flow: ProbabilityFlow, num_steps: int) 
     """num_steps + 1 times from t_min to t_max at the process's discretisation of the noise levels
     (float64, host)."""
     sigma_min, sigma_max = (float(flow.sigma_and_deriv(np.float64(t), np)[0]) for t in (flow.t_min, flow.t_max))
-    sigmas = samplers.sigma_steps(dataclasses.replace(process, num_steps=num_steps + 1), sigma_min, sigma_max)
+    sigmas = samplers.grids.edm_noise_levels(dataclasses.replace(process, num_steps=num_steps + 1), sigma_min, sigma_max)
     t = np.asarray(flow.sigma_inv(np.asarray(sigmas[::-1], np.float64)), np.float64)
     t[0], t[-1] = flow.t_min, flow.t_max  # exact ends, whatever the discretisation rounds
     return t

@@ -1,65 +1,230 @@
-"""Forward diffusion processes that are Gaussian and diagonal in a fixed orthonormal basis.
+"""Forward diffusion processes: q(z_t | x) = N(V diag(alpha_t) V^T x, sigma_t^2 I), the schedule a field.
 
-A process gives the marginal q(z_t | x) = N(V diag(alpha_t) V^T x, sigma_t^2 I) for t in [0, 1],
-where V is the basis (`from_basis`; `to_basis` is V^T), alpha_t the scale of each basis
-coefficient and sigma_t a scalar. Since sigma_t is a scalar, the noise is white in every
-orthonormal basis, so each coefficient u_k = (V^T z_t)_k is an independent 1-D diffusion
-u_k = alpha_{t,k} (V^T x)_k + sigma_t eps_k with its own logSNR lambda_{t,k} = log(alpha_{t,k}^2 / sigma_t^2).
+A *schedule* gives a scalar pair (alpha_t, sigma_t) and the logSNR lambda_t = log(alpha_t^2 / sigma_t^2)
+for t in [t_min, t_max] (t_min: least noise), and the inverse t(lambda) that time grids need:
 
-  GaussianProcess   V = I, alpha_t = a_t a scalar per image: standard (variance-preserving) diffusion
-                    with the cosine logSNR clipped to [logsnr_min, logsnr_max].
-  BlurringProcess   V the orthonormal 2-D DCT (`jaxdiff.dct`), alpha_t = a_t d_t per frequency:
-                    blurring diffusion (Hoogeboom & Salimans 2023, "Blurring Diffusion Models",
-                    Sec. 3-4), d_t the heat-dissipation factor of `schedules.blur_dissipation`.
+  Cosine       variance preserving, lambda(t) = -2 log tan(t0 + t (t1 - t0)) clipped to [logsnr_min,
+               logsnr_max], plus `shift` (simple diffusion's 2 log(noise_d / image_d); 0: plain cosine)
+  VP           score-SDE VP (Song et al. 2021, eq. 33): alpha_t^2 = exp(-beta_min t - (beta_max -
+               beta_min) t^2 / 2), variance preserving, t in [t_min, 1]
+  VE           score-SDE VE (Song et al. 2021, eq. 31): alpha = 1, sigma_t = sigma_min (sigma_max /
+               sigma_min)^t, t in [0, 1]
+  EDM          EDM's process (Karras et al. 2022, Table 1): alpha = 1, sigma_t = t, t in [sigma_min, sigma_max]
+  Discrete     DDPM's T-step beta table (linear, cosine, sigmoid): alpha_n^2 = prod_{j<=n} (1 - beta_j) at
+               t = n / T, lambda linear in t between the table's points, t in [1 / T, 1]
+
+A *process* puts a schedule in a basis:
+
+  GaussianProcess   V = I, alpha_t a scalar per image (EDM, DDPM, score-SDE, simple diffusion)
+  BlurringProcess   V the orthonormal 2-D DCT, alpha_t = a_t d_t per frequency: blurring diffusion
+                    (Hoogeboom & Salimans 2023, Sec. 4), d_t of `schedules.blur_dissipation`;
+                    sigma_blur_max = 0 runs GaussianProcess's arithmetic exactly
 
 Both are frozen dataclasses (hashable: static arguments of `jax.jit`) with one interface:
 
-  scale_sigma(t, shape, dtype=None) -> (scale [N,1,1,1] or [N,H,W,1] (blur), sigma [N,1,1,1])
-  logsnr(t, shape, dtype=None)      -> log(scale^2 / sigma^2), the shape of scale
+  scale_sigma(t, shape, dtype=None) -> (alpha_t [N,1,1,1] or [N,H,W,1] (blur), sigma_t [N,1,1,1])
+  logsnr(t, shape, dtype=None)      -> log(alpha_t^2 / sigma_t^2), the shape of alpha_t
   to_basis(x) / from_basis(u)       -> V^T x / V u  (NHWC in, NHWC out)
-  diffuse(x, t, noise)              -> z_t = from_basis(scale_t * to_basis(x)) + sigma_t * noise
-  posterior(z_t, eps_hat, s, t)     -> (mean, std) of q(z_s | z_t, x_hat) in the basis, s < t
-  posterior_from_x0(z_t, x0, s, t)  -> the same with the data estimate x0 instead of eps_hat
+  diffuse(x, t, noise)              -> z_t = V (alpha_t V^T x) + sigma_t noise
 
-`t` is a scalar or one time per image ([N]); `shape` is the NHWC batch shape (the blurring scale
-needs H and W). Everything is computed in `dtype` (default: the default float dtype; `diffuse`
-and the posteriors use their input's dtype).
-
-BlurringProcess(sigma_blur_max=0) is GaussianProcess bit for bit, by construction: with no blur
-it runs exactly the Gaussian operations (scale [N,1,1,1], identity basis), not the per-frequency
-ones with d_t = 1. Equal numbers in are not enough under `jax.jit`: XLA simplifies and fuses
-arithmetic differently for different shapes (measured: sigma_t (1 - r) / alpha_ts came out 1 ulp
-apart when 1 - r had shape [N,H,W,1] instead of [N,1,1,1]), and the DCT round trip is exact only
-up to rounding. The per-frequency formulas are nonetheless
-continuous at zero blur (`schedules.blur_dissipation` is exactly 1 there). `tests/test_processes.py`
-checks equality with `jnp.array_equal` through whole jit-compiled sampler runs.
+`t` is a scalar or one time per image ([N]); `shape` is the NHWC batch shape. Given numpy arrays
+(and dtype None or float64) everything is computed in float64 numpy, which is how the samplers
+build their step tables on the host; given jax arrays or a jax dtype, in that dtype on the device.
+Since sigma_t is a scalar the noise is white in every orthonormal basis, so each coefficient of
+u = V^T z_t is an independent 1-D diffusion with its own logSNR: every sampler works per
+coefficient, in the scaled coordinates x~ = u / alpha_t, sigma~ = sigma_t / alpha_t = exp(-lambda/2).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import dct, schedules
 
 
-def _dtype(dtype):
-    return jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+def _xp(t, dtype):
+    """numpy for host inputs (numpy/python values, dtype None or float64), else jax.numpy."""
+    host = isinstance(t, (np.ndarray, np.generic, float, int)) and (dtype is None or np.dtype(dtype) == np.float64)
+    return np if host else jnp
 
 
 def _batch_time(t, shape, dtype):
-    """t as [N, 1, 1, 1] in `dtype`, N = shape[0] (a scalar t applies to the whole batch)."""
-    t = jnp.asarray(t, dtype)
-    return jnp.broadcast_to(t.reshape(-1, 1, 1, 1), (shape[0], 1, 1, 1))
+    """t as [N, 1, 1, 1] (a scalar t applies to the whole batch of N = shape[0])."""
+    xp = _xp(t, dtype)
+    dtype = np.float64 if xp is np else (jnp.result_type(float) if dtype is None else dtype)
+    t = xp.asarray(t, dtype)
+    return xp.broadcast_to(t.reshape(-1, 1, 1, 1), (shape[0], 1, 1, 1))
 
 
-def _cosine_logsnr(t, shape, dtype, logsnr_min, logsnr_max):
-    """lambda(t) of the clipped cosine schedule as [N, 1, 1, 1]."""
-    return schedules.logsnr_cosine(_batch_time(t, shape, _dtype(dtype)), logsnr_min, logsnr_max)
+# ---------------------------------------------------------------------------------------------
+# Schedules: scalar (alpha_t, sigma_t) families.
 
+@dataclasses.dataclass(frozen=True)
+class Cosine:
+    """lambda(t) = -2 log tan(t0 + t (t1 - t0)) + shift (`schedules.logsnr_cosine`), variance preserving:
+    alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
+    logsnr_min: float = -10.0
+    logsnr_max: float = 10.0
+    shift: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    variance_preserving = True
+
+    def __post_init__(self):
+        schedules._logsnr_cosine_limits(self.logsnr_min, self.logsnr_max)  # validates the pair
+
+    def logsnr(self, t):
+        return schedules.logsnr_cosine(t, self.logsnr_min, self.logsnr_max) + self.shift
+
+    def t_from_logsnr(self, logsnr):
+        return schedules.logsnr_cosine_inv(np.asarray(logsnr, np.float64) - self.shift, self.logsnr_min, self.logsnr_max)
+
+    def alpha_sigma(self, t):
+        return schedules.alpha_sigma_from_logsnr(self.logsnr(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class VP:
+    """alpha_t^2 = exp(-beta_min t - beta_d t^2 / 2), beta_d = beta_max - beta_min; in EDM's terms the
+    noise level sigma~ = sigma/alpha = sqrt(expm1(beta_d t^2 / 2 + beta_min t)) (`schedules.vp_sigma`)."""
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    variance_preserving = True
+
+    def logsnr(self, t):
+        return -2 * _np_log(schedules.vp_sigma(t, self.beta_max - self.beta_min, self.beta_min))
+
+    def t_from_logsnr(self, logsnr):
+        return schedules.vp_sigma_inv(np.exp(-0.5 * np.asarray(logsnr, np.float64)), self.beta_max - self.beta_min,
+                                      self.beta_min)
+
+    def alpha_sigma(self, t):
+        return schedules.alpha_sigma_from_logsnr(self.logsnr(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class VE:
+    """alpha = 1, sigma_t = sigma_min (sigma_max / sigma_min)^t."""
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    variance_preserving = False
+
+    def logsnr(self, t):
+        return -2 * (np.log(self.sigma_min) + t * np.log(self.sigma_max / self.sigma_min))
+
+    def t_from_logsnr(self, logsnr):
+        return (-0.5 * np.asarray(logsnr, np.float64) - np.log(self.sigma_min)) / np.log(self.sigma_max / self.sigma_min)
+
+    def alpha_sigma(self, t):
+        sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+        return sigma ** 0, sigma
+
+
+@dataclasses.dataclass(frozen=True)
+class EDM:
+    """alpha = 1, sigma_t = t (EDM's training process; its samplers choose their own time variable)."""
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    variance_preserving = False
+
+    @property
+    def t_min(self) -> float:
+        return self.sigma_min
+
+    @property
+    def t_max(self) -> float:
+        return self.sigma_max
+
+    def logsnr(self, t):
+        return -2 * _np_log(t)
+
+    def t_from_logsnr(self, logsnr):
+        return np.exp(-0.5 * np.asarray(logsnr, np.float64))
+
+    def alpha_sigma(self, t):
+        return t ** 0, t
+
+
+@functools.lru_cache(maxsize=None)
+def _discrete_logsnr_table(betas: str, T: int, kwargs: tuple) -> np.ndarray:
+    table = {'linear': schedules.linear_betas, 'cosine': schedules.cosine_betas, 'sigmoid': schedules.sigmoid_betas}
+    if betas not in table:
+        raise ValueError(f'Discrete.betas must be one of {sorted(table)}, got {betas!r}')
+    alpha_bar = schedules.alphas_cumprod(table[betas](T, **dict(kwargs)))
+    logsnr = np.log(alpha_bar) - np.log1p(-alpha_bar)
+    logsnr.setflags(write=False)
+    return logsnr
+
+
+@dataclasses.dataclass(frozen=True)
+class Discrete:
+    """DDPM's beta table: alpha_n^2 = prod_{j<=n} (1 - beta_j), n = 1..T, at t = n / T; lambda is
+    interpolated linearly in t between the table's points (only off-grid samplers see that).
+    The network's DDPM step label is n - 1 = T t - 1 (`noise_label`). `beta_kwargs`: e.g.
+    (('beta_start', 1e-4), ('beta_end', 0.02)) for 'linear' (a tuple of pairs: hashable)."""
+    betas: str = 'linear'
+    T: int = 1000
+    beta_kwargs: tuple = ()
+    variance_preserving = True
+
+    def __post_init__(self):
+        if int(self.T) != self.T or self.T < 2:
+            raise ValueError(f'Discrete.T must be an integer >= 2, got {self.T}')
+        _discrete_logsnr_table(self.betas, self.T, tuple(self.beta_kwargs))  # validates
+
+    @property
+    def t_min(self) -> float:
+        return 1.0 / self.T
+
+    @property
+    def t_max(self) -> float:
+        return 1.0
+
+    @property
+    def table(self) -> np.ndarray:
+        """lambda_n for n = 1..T (float64)."""
+        return _discrete_logsnr_table(self.betas, self.T, tuple(self.beta_kwargs))
+
+    def logsnr(self, t):
+        xp = np if isinstance(t, (np.ndarray, np.generic, float, int)) else jnp
+        n = np.arange(1, self.T + 1, dtype=np.float64)
+        return xp.interp(t * self.T, n, self.table)
+
+    def t_from_logsnr(self, logsnr):
+        n = np.arange(1, self.T + 1, dtype=np.float64)
+        return np.interp(-np.asarray(logsnr, np.float64), -self.table, n) / self.T  # lambda falls with n
+
+    def alpha_sigma(self, t):
+        return schedules.alpha_sigma_from_logsnr(self.logsnr(t))
+
+
+def _np_log(x):
+    return (np if isinstance(x, (np.ndarray, np.generic, float, int)) else jnp).log(x)
+
+
+Schedule = Cosine | VP | VE | EDM | Discrete
+SCHEDULES = {'cosine': Cosine, 'vp': VP, 've': VE, 'edm': EDM, 'discrete': Discrete}
+
+
+def noise_label(schedule, t):
+    """The network's conventional noise label at t: DDPM's step index T t - 1 for a Discrete
+    schedule, else 1000 t (DDPM's integer labels 0..999, for which the sinusoidal embeddings of
+    DDPM++/ADM are sized), as score-SDE's VP models use."""
+    return schedule.T * t - 1 if isinstance(schedule, Discrete) else 1000 * t
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes.
 
 class _DiagonalProcess:
-    """What follows from (scale, sigma, basis) alone, shared so both processes run the same code."""
+    """What follows from (scale, sigma, basis) alone."""
 
     def diffuse(self, x, t, noise):
         """z_t = V (alpha_t * V^T x) + sigma_t * noise, with unit-normal `noise` of x's shape.
@@ -69,82 +234,42 @@ class _DiagonalProcess:
         scale, sigma = self.scale_sigma(t, x.shape, x.dtype)
         return self.from_basis(scale * self.to_basis(x)) + sigma * noise
 
-    def posterior_coefficients(self, s, t, shape, dtype=None):
-        """(1 / alpha_ts, sigma_t (1 - r) / alpha_ts, std) of q(z_s | z_t, x) per basis coefficient, s < t:
+    def noise_level(self, t, shape, dtype=None):
+        """sigma~_t = sigma_t / alpha_t per basis coefficient (EDM's sigma when alpha = 1)."""
+        scale, sigma = self.scale_sigma(t, shape, dtype)
+        return sigma / scale
 
-            alpha_ts = alpha_t / alpha_s,  sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2
-                     = sigma_t^2 (1 - r),  r = exp(lambda_t - lambda_s) = alpha_ts^2 sigma_s^2 / sigma_t^2,
-            variance = 1 / (1/sigma_s^2 + alpha_ts^2 / sigma_ts^2) = sigma_s^2 (1 - r),
-            mean     = (alpha_ts sigma_s^2 / sigma_t^2) u_t + (alpha_s sigma_ts^2 / sigma_t^2) u_x
-                     = (u_t - sigma_t (1 - r) u_eps) / alpha_ts     with u_x = (u_t - sigma_t u_eps) / alpha_t.
+    @property
+    def t_min(self) -> float:
+        return self.schedule.t_min
 
-        1 - r = -expm1(lambda_t - lambda_s) comes from the logSNRs rather than as the difference of
-        variances sigma_t^2 - alpha_ts^2 sigma_s^2, which the paper divides by and has to clip away
-        from 0 with a small delta: here nothing divides by sigma_s^2, sigma_ts^2 or alpha_t (the only
-        divisor is alpha_ts, a ratio in (0, 1]), and lambda_t - lambda_s is clipped to <= 0 so that
-        rounding can never make a variance negative; s = t gives exactly z_s = z_t. (In float32 both
-        forms are limited by the rounding of lambda itself: for steps of 1e-3 the std is within 5e-5
-        and the eps coefficient within 1e-4 of float64, relative.)
-        """
-        scale_s, sigma_s = self.scale_sigma(s, shape, dtype)
-        scale_t, sigma_t = self.scale_sigma(t, shape, dtype)
-        log_r = jnp.minimum(self.logsnr(t, shape, dtype) - self.logsnr(s, shape, dtype), 0)
-        one_minus_r = -jnp.expm1(log_r)
-        inv_alpha_ts = scale_s / scale_t
-        return inv_alpha_ts, sigma_t * one_minus_r * inv_alpha_ts, sigma_s * jnp.sqrt(one_minus_r)
+    @property
+    def t_max(self) -> float:
+        return self.schedule.t_max
 
-    def posterior(self, z_t, eps_hat, s, t):
-        """(mean, std) of q(z_s | z_t, x_hat) in the basis, with x_hat implied by the noise estimate:
-
-            mean = (u_t - sigma_t (1 - r) u_eps_hat) / alpha_ts,  std = sigma_s sqrt(1 - r),
-
-        u_t = to_basis(z_t), u_eps_hat = to_basis(eps_hat) (see `posterior_coefficients`). It is
-        algebraically the x0 form with x_hat = (u_t - sigma_t u_eps_hat) / alpha_t, but needs only the
-        ratio alpha_ts: no division by alpha_t, which falls to a_1 d_min ~ 7e-6 for blurring at t = 1,
-        and no detour through x_hat values 1/alpha_t times larger than the result, so nothing needs
-        the clipping of the paper's delta. `std` has the shape of the scale.
-        """
-        c_z, c_eps, std = self.posterior_coefficients(s, t, z_t.shape, z_t.dtype)
-        return c_z * self.to_basis(z_t) - c_eps * self.to_basis(eps_hat), std
-
-    def posterior_from_x0(self, z_t, x0, s, t):
-        """(mean, std) of q(z_s | z_t, x0) in the basis from a data estimate x0:
-
-            mean = (r / alpha_ts) u_t + alpha_s (1 - r) u_x0,  std = sigma_s sqrt(1 - r).
-        """
-        scale_s, sigma_s = self.scale_sigma(s, z_t.shape, z_t.dtype)
-        scale_t, _ = self.scale_sigma(t, z_t.shape, z_t.dtype)
-        log_r = jnp.minimum(self.logsnr(t, z_t.shape, z_t.dtype) - self.logsnr(s, z_t.shape, z_t.dtype), 0)
-        mean = jnp.exp(log_r) * (scale_s / scale_t) * self.to_basis(z_t) - scale_s * jnp.expm1(log_r) * self.to_basis(x0)
-        return mean, sigma_s * jnp.sqrt(-jnp.expm1(log_r))
+    def t_from_noise_level(self, noise_level):
+        """The time (host, float64) whose scalar (DC) noise level sigma_t / alpha_t is `noise_level`."""
+        noise_level = np.asarray(noise_level, np.float64)
+        if isinstance(self.schedule, EDM):  # t = sigma exactly, not through exp(log(sigma))
+            return noise_level
+        with np.errstate(divide='ignore'):
+            return self.schedule.t_from_logsnr(-2 * np.log(noise_level))
 
 
 @dataclasses.dataclass(frozen=True)
 class GaussianProcess(_DiagonalProcess):
-    """Variance-preserving Gaussian diffusion with the clipped cosine logSNR:
+    """z_t = alpha_t x + sigma_t eps with (alpha_t, sigma_t) from `schedule`."""
+    schedule: Schedule = Cosine()
 
-        lambda(t) = -2 log tan(t0 + t (t1 - t0)),  alpha_t = sqrt(sigmoid(lambda)), sigma_t = sqrt(sigmoid(-lambda)),
-
-    lambda(0) = logsnr_max, lambda(1) = logsnr_min (`schedules.logsnr_cosine`). In EDM's terms
-    the noise level is sigma_t / alpha_t = exp(-lambda / 2), from exp(-logsnr_max/2) to
-    exp(-logsnr_min/2) (0.0067 to 148 for the defaults; EDM's 0.002 to 80 is
-    logsnr_min = -2 log 80, logsnr_max = -2 log 0.002).
-    """
-    logsnr_min: float = -10.0
-    logsnr_max: float = 10.0
-
-    scalar_scale = True  # one scale per image: a plain noise-level denoiser applies (see precond)
-
-    def __post_init__(self):
-        schedules._logsnr_cosine_limits(self.logsnr_min, self.logsnr_max)  # validates the pair
+    scalar_scale = True  # one scale per image: a plain noise-level denoiser applies (see parameterize)
 
     def logsnr(self, t, shape, dtype=None):
         """lambda(t) as [N, 1, 1, 1]."""
-        return _cosine_logsnr(t, shape, dtype, self.logsnr_min, self.logsnr_max)
+        return self.schedule.logsnr(_batch_time(t, shape, dtype))
 
     def scale_sigma(self, t, shape, dtype=None):
         """(alpha_t, sigma_t), each [N, 1, 1, 1]."""
-        return schedules.alpha_sigma_from_logsnr(self.logsnr(t, shape, dtype))
+        return self.schedule.alpha_sigma(_batch_time(t, shape, dtype))
 
     def to_basis(self, x):
         return x
@@ -160,55 +285,57 @@ class BlurringProcess(_DiagonalProcess):
         alpha_t = a_t d_t,  d_t = (1 - d_min) exp(-lambda_ij tau_t) + d_min,  tau_t = sigma_blur(t)^2 / 2,
         sigma_blur(t) = sigma_blur_max sin^2(pi t / 2),  lambda_ij = (pi i / H)^2 + (pi j / W)^2,
 
-    with (a_t, sigma_t) the clipped cosine schedule of `GaussianProcess` and d_min = `min_scale`.
-    So z_t = IDCT(alpha_t * DCT(x)) + sigma_t eps: a Gaussian blur of width sigma_blur(t), floored
-    at d_min per frequency so that the process stays invertible, plus white noise. The DC
-    frequency is never blurred (lambda_00 = 0), so its noise level sigma_t / alpha_t is that of
-    the Gaussian process. The paper uses sigma_blur_max = 20 at 32 and 64 px.
+    with (a_t, sigma_t) from `schedule` (the paper: the cosine logSNR clipped to [-10, 10]) and
+    d_min = `min_scale`. So z_t = IDCT(alpha_t * DCT(x)) + sigma_t eps: a Gaussian blur of width
+    sigma_blur(t), floored at d_min per frequency so the process stays invertible, plus white
+    noise. The DC frequency is never blurred (lambda_00 = 0). The paper uses sigma_blur_max = 20
+    at 32 and 64 px. The blur follows t in [0, 1], so the schedule's t range must be [0, 1].
 
     The per-frequency logSNR is lambda(t) + 2 log d_t. With sigma_blur_max = 0 the process runs
-    `GaussianProcess`'s arithmetic and is equal to it bit for bit (see the module docstring).
+    GaussianProcess's operations exactly (scale [N,1,1,1], identity basis), not the per-frequency
+    ones with d_t = 1: XLA fuses arithmetic differently for different shapes, so equal formulas
+    are not enough for bit-equal results (tests/test_processes.py checks it through jit-compiled
+    sampler runs).
     """
+    schedule: Schedule = Cosine()
     sigma_blur_max: float = 20.0
     min_scale: float = 0.001
-    logsnr_min: float = -10.0
-    logsnr_max: float = 10.0
 
     def __post_init__(self):
-        schedules._logsnr_cosine_limits(self.logsnr_min, self.logsnr_max)
         if self.sigma_blur_max < 0:
             raise ValueError(f'BlurringProcess.sigma_blur_max must be >= 0, got {self.sigma_blur_max}')
         if not 0 < self.min_scale <= 1:
             raise ValueError(f'BlurringProcess.min_scale must be in (0, 1], got {self.min_scale}')
+        if self.sigma_blur_max and (self.schedule.t_min < 0 or self.schedule.t_max > 1):
+            raise ValueError(f'BlurringProcess needs a schedule on t in [0, 1], got [{self.schedule.t_min}, '
+                             f'{self.schedule.t_max}] ({type(self.schedule).__name__})')
 
     @property
     def scalar_scale(self) -> bool:
         return self.sigma_blur_max == 0
 
-    def _frequencies(self, shape, dtype):
-        """lambda_ij as [H, W, 1] for an NHWC `shape`."""
-        return jnp.asarray(schedules.dct_frequencies(shape[-3], shape[-2])[..., None], dtype)
+    def _blur_args(self, t, shape, dtype):
+        t = _batch_time(t, shape, dtype)
+        frequencies = schedules.dct_frequencies(shape[-3], shape[-2])[..., None]
+        return t, (frequencies if isinstance(t, np.ndarray) else jnp.asarray(frequencies, t.dtype))
 
     def dissipation(self, t, shape, dtype=None):
         """d_t per frequency, [N, H, W, 1]."""
-        dtype = _dtype(dtype)
-        return schedules.blur_dissipation(_batch_time(t, shape, dtype), self._frequencies(shape, dtype),
-                                          self.sigma_blur_max, self.min_scale)
+        t, frequencies = self._blur_args(t, shape, dtype)
+        return schedules.blur_dissipation(t, frequencies, self.sigma_blur_max, self.min_scale)
 
     def logsnr(self, t, shape, dtype=None):
         """lambda(t) + 2 log d_t per frequency, [N, H, W, 1] ([N, 1, 1, 1] without blur)."""
-        logsnr = _cosine_logsnr(t, shape, dtype, self.logsnr_min, self.logsnr_max)
-        if not self.sigma_blur_max:  # exactly GaussianProcess (module docstring)
+        logsnr = self.schedule.logsnr(_batch_time(t, shape, dtype))
+        if not self.sigma_blur_max:  # exactly GaussianProcess (class docstring)
             return logsnr
-        dtype = _dtype(dtype)
-        log_d = schedules.blur_log_dissipation(_batch_time(t, shape, dtype), self._frequencies(shape, dtype),
-                                               self.sigma_blur_max, self.min_scale)
-        return logsnr + 2 * log_d
+        t, frequencies = self._blur_args(t, shape, dtype)
+        return logsnr + 2 * schedules.blur_log_dissipation(t, frequencies, self.sigma_blur_max, self.min_scale)
 
     def scale_sigma(self, t, shape, dtype=None):
         """(a_t d_t [N, H, W, 1], sigma_t [N, 1, 1, 1]); without blur (a_t, sigma_t), both [N, 1, 1, 1]."""
-        a, sigma = schedules.alpha_sigma_from_logsnr(_cosine_logsnr(t, shape, dtype, self.logsnr_min, self.logsnr_max))
-        if not self.sigma_blur_max:  # exactly GaussianProcess (module docstring)
+        a, sigma = self.schedule.alpha_sigma(_batch_time(t, shape, dtype))
+        if not self.sigma_blur_max:  # exactly GaussianProcess (class docstring)
             return a, sigma
         return a * self.dissipation(t, shape, dtype), sigma
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from jaxdiff.samplers import driver
 from jaxdiff import likelihood as L
 from jaxdiff import precond, samplers
 from jaxdiff.analytic import GaussianDenoiser
@@ -67,10 +68,12 @@ def test_pf_ode_coefficients_are_the_samplers(name):
     step table at its own times (float64 host; VP's expm1 form differs from exp - 1 by ~1e-10
     relative at t = 1e-5)."""
     process = dataclasses.replace(PROCESSES[name], num_steps=12)
-    table = samplers.step_table(process)
+    model, edm_process = samplers.bind(lambda x, sigma, labels=None, augment_labels=None: x)
+    table, _, _ = driver.build_table(process, model, edm_process, (1, 2, 2, 1))
+    sigma_hat = table.at_hat.sigma.reshape(-1)  # EDM's process: alpha = 1
     flow = L.probability_flow(process)
-    sigma, s, a, b = flow.coefficients(table.t_hat, np)
-    for ours, theirs in ((sigma, table.sigma_hat), (s, table.s_hat), (a, table.a_hat), (b, table.b_hat)):
+    sigma, s, a, b = flow.coefficients(flow.sigma_inv(sigma_hat), np)
+    for ours, theirs in ((sigma, sigma_hat), (s, table.s_hat), (a, table.a_hat), (b, table.b_hat)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-8)
     assert flow.t_min < flow.t_max
     assert math.isclose(flow.sigma_and_deriv(np.float64(flow.t_min), np)[0], process.sigma_min, rel_tol=1e-9)

@@ -1,13 +1,14 @@
 """Forward processes against the paper's formulas written out independently here (numpy float64):
-marginal moments by Monte Carlo in the DCT basis, the posterior against brute-force Gaussian
-conditioning, and BlurringProcess(sigma_blur_max=0) == GaussianProcess bit for bit."""
+marginal moments by Monte Carlo in the DCT basis, the ancestral step's posterior against brute-force
+Gaussian conditioning, and BlurringProcess(sigma_blur_max=0) == GaussianProcess bit for bit."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.fft
 
-from jaxdiff import dct, process_samplers, processes
+from jaxdiff import dct, parameterize, processes, samplers
+from jaxdiff.samplers import grids, steps
 
 H, W, C = 4, 4, 2
 
@@ -88,23 +89,18 @@ def test_posterior_matches_brute_force_conditioning(process, s, t):
             gain = cov[0, 1] / cov[1, 1]
             ref_mean[:, i, j] = a_s * u_x[:, i, j] + gain * (u_t[:, i, j] - a_t * u_x[:, i, j])
             ref_var[i, j] = cov[0, 0] - gain * cov[1, 0]
-    with jax.enable_x64(True):
-        z_t_j, x_j = jnp.asarray(z_t), jnp.asarray(x)
-        scale_t, sig_t = process.scale_sigma(t, z_t.shape, jnp.float64)
-        eps = (z_t_j - process.from_basis(scale_t * process.to_basis(x_j))) / sig_t  # the eps that x implies
-        for mean, std in (process.posterior(z_t_j, eps, s, t), process.posterior_from_x0(z_t_j, x_j, s, t)):
-            mean = np.asarray(process.from_basis(mean))
-            np.testing.assert_allclose(dct_np(mean), ref_mean, rtol=1e-9, atol=1e-10)
-            np.testing.assert_allclose(np.broadcast_to(np.asarray(std)[0, ..., 0] ** 2, (H, W)), ref_var,
-                                       rtol=1e-9, atol=1e-15)
-
-
-def test_posterior_at_equal_times_is_the_identity():
-    process = processes.BlurringProcess()
-    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-    mean, std = jax.jit(process.posterior)(z, jnp.ones_like(z), 0.4, 0.4)
-    np.testing.assert_allclose(process.from_basis(mean), z, atol=1e-5)
-    assert np.all(np.asarray(std) == 0)
+    # The ancestral step's table from t to s (a two-point grid): in scaled coordinates x~ = u / alpha
+    # its mean is c_x x~_t + (1 - c_x) x~_0 and its std is the posterior's (fixed_small), times alpha_s.
+    grid = grids.Grid(np.array([t, s]), grids.dc_noise_level(process, np.array([t, s])))
+    table, _ = steps.gaussian_table(samplers.Sampler(solver='ancestral', num_steps=2, discretization='uniform'),
+                                    process, grid, (2, H, W, C))
+    alpha_at = lambda time: np.broadcast_to(steps.points(process, np.array([time]), (1, H, W, C)).alpha[0], (H, W, 1))
+    alpha_s_ours, alpha_t_ours = alpha_at(s)[..., 0], alpha_at(t)[..., 0]
+    c_x = np.broadcast_to(table.c_x[0], (H, W, 1))
+    std = np.broadcast_to(table.std[0], (H, W, 1))[..., 0] * alpha_s_ours
+    mean = alpha_s_ours[..., None] * (c_x * u_t / alpha_t_ours[..., None] + (1 - c_x) * u_x)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(std ** 2, ref_var, rtol=1e-9, atol=1e-15)
 
 
 def test_blurring_without_blur_is_gaussian_bit_for_bit():
@@ -124,24 +120,19 @@ def test_blurring_without_blur_is_gaussian_bit_for_bit():
     assert same(gauss.logsnr(t, shape), blur0.logsnr(t, shape))
     assert jnp.array_equal(gauss.diffuse(x, t, noise), blur0.diffuse(x, t, noise))
     assert jnp.array_equal(jax.jit(gauss.diffuse)(x, t, noise), jax.jit(blur0.diffuse)(x, t, noise))
-    z = gauss.diffuse(x, t, noise)
-    for g, b in zip(gauss.posterior(z, eps, 0.29, 0.3), blur0.posterior(z, eps, 0.29, 0.3)):
-        assert same(g, b)
-    for g, b in zip(gauss.posterior_from_x0(z, x, 0.1, 0.7), blur0.posterior_from_x0(z, x, 0.1, 0.7)):
-        assert same(g, b)
+    # Whole sampler runs, with a network that mixes pixels so any basis mismatch would show.
+    def net(params, z, noise_labels, labels=None, augment_labels=None):
+        return jnp.tanh(dct.dct2(z) * 0.7) + 0.1 * jnp.roll(z, 1, axis=1) + 1e-4 * noise_labels[:, None, None, None]
 
-    # Whole sampler runs, with a model that mixes pixels so any basis mismatch would show.
-    def model(z, t, labels=None):
-        return jnp.tanh(dct.dct2(z) * 0.7) + 0.1 * jnp.roll(z, 1, axis=1)
-
-    z1 = process_samplers.prior(gauss, jax.random.key(7), shape)
-    assert jnp.array_equal(z1, process_samplers.prior(blur0, jax.random.key(7), shape))
+    latents = jax.random.normal(jax.random.key(7), shape)
     key = jax.random.key(8)
-    assert jnp.array_equal(process_samplers.ancestral_sample(model, gauss, z1, key, num_steps=12),
-                           process_samplers.ancestral_sample(model, blur0, z1, key, num_steps=12))
-    for solver in ('heun', 'exp_heun'):
-        assert jnp.array_equal(process_samplers.ode_sample(model, gauss, z1, num_steps=6, solver=solver),
-                               process_samplers.ode_sample(model, blur0, z1, num_steps=6, solver=solver)), solver
+    for sampler in (samplers.Sampler(solver='ancestral', num_steps=12, discretization='uniform'),
+                    samplers.Sampler(solver='heun', num_steps=6, discretization='uniform'),
+                    samplers.Sampler(solver='exp_heun', num_steps=6, discretization='uniform'),
+                    samplers.Sampler(solver='dpmpp_2m', num_steps=6, discretization='logsnr')):
+        runs = [samplers.sample(sampler, parameterize.model_from_fn(net, process, 'eps'), latents, key)
+                for process in (gauss, blur0)]
+        assert jnp.array_equal(*runs), sampler.solver
 
 
 def test_blurring_blurs_high_frequencies_first():
@@ -165,4 +156,6 @@ def test_processes_are_hashable_static_arguments_and_validate():
     with pytest.raises(ValueError, match='min_scale'):
         processes.BlurringProcess(min_scale=0.0)
     with pytest.raises(ValueError, match='logsnr_min'):
-        processes.GaussianProcess(logsnr_min=3.0, logsnr_max=1.0)
+        processes.GaussianProcess(processes.Cosine(logsnr_min=3.0, logsnr_max=1.0))
+    with pytest.raises(ValueError, match='schedule on t in'):
+        processes.BlurringProcess(processes.EDM())

@@ -148,7 +148,7 @@ CONFIG_ERRORS = [
     ('data.resolution', 0, r'data\.resolution must be a positive integer'),
     ('data.channels', 3, r"data\.channels=3 but 'digits' images have 1 channel"),
     ('data.split', 'test', r"data\.split='test'"),
-    ('sample.solver', 'rk4', r"sample\.solver must be one of \('euler', 'heun'\), got 'rk4'"),
+    ('sample.solver', 'rk4', r"sample\.solver must be one of \('euler', 'heun', 'ddim'.*got 'rk4'"),
     ('sample.discretization', 'cosine', r'sample\.discretization must be one of'),
     ('sample.num_steps', 1, r'sample\.num_steps'),
     ('model.kwargs.model_channels', 33, r'model\.kwargs: model_channels \* channel_mult = 33 channels'),

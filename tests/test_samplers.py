@@ -7,10 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import samplers, schedules
+from jaxdiff import precond, samplers, schedules
+from jaxdiff.samplers import driver, steps
 from jaxdiff.analytic import GaussianDenoiser
 
 SHAPE = (2, 2, 3)  # 12-dimensional "images"
+
+
+def edm_table(cfg, sigma_min=0.0, sigma_max=float('inf')):
+    """The float64 step table of `cfg` for an EDM denoiser supporting [sigma_min, sigma_max]."""
+    zero = precond.denoiser_from_fn(lambda params, x, *args: x * 0,
+                                    precond=precond.EDMPrecond(sigma_min=sigma_min, sigma_max=sigma_max))
+    model, process = samplers.bind(zero)
+    table, _, _ = driver.build_table(cfg, model, process, (1,) + SHAPE)
+    return table
 
 
 def gaussian(seed=0):
@@ -90,11 +100,12 @@ def test_heun_uses_2n_minus_1_denoiser_calls():
 
     # lax.scan traces its body once; count calls per trace instead by running un-jitted steps.
     cfg = samplers.edm_sampler(num_steps=5)
-    table = samplers.step_table(cfg)
-    x = jnp.ones((1, 2, 2, 1))
+    table = edm_table(cfg)
+    x = jnp.ones((1,) + SHAPE)
+    denoise = lambda x, point: (counting(x, point.sigma), None)
     for i in range(cfg.num_steps):
-        row = samplers.StepTable(*(c[i] for c in table))
-        x = samplers.heun_step(counting, x, row, 0.0, second_order=i < cfg.num_steps - 1)
+        row = jax.tree.map(lambda c: c[i], table)
+        x = steps.edm_step(denoise, x, row, jnp.zeros((1,)), second_order=i < cfg.num_steps - 1)
     assert len(calls) == 2 * 5 - 1 == cfg.num_evals
 
 
@@ -105,16 +116,16 @@ def test_sample_compiles_once_per_shape():
     keys = samplers.keys_from_seeds(np.arange(4))
     lat = samplers.latents_from_keys(keys, SHAPE)
     samplers.sample(cfg, denoise, lat, keys)
-    before = samplers._sample._cache_size()
+    before = driver._run._cache_size()
     other = GaussianDenoiser.create(jnp.asarray(mean + 1, jnp.float32), jnp.asarray(cov, jnp.float32))
     samplers.sample(cfg, other, lat + 1, samplers.keys_from_seeds(np.arange(4, 8)))
-    assert samplers._sample._cache_size() == before
+    assert driver._run._cache_size() == before
     # The step constants are data: another noise range or discretisation reuses the compilation.
     retimed = samplers.Sampler(num_steps=6, S_churn=20, sigma_max=20.0, discretization='vp')
     samplers.sample(retimed, denoise, lat, keys)
-    assert samplers._sample._cache_size() == before
+    assert driver._run._cache_size() == before
     samplers.sample(cfg, denoise, jnp.concatenate([lat, lat]), samplers.keys_from_seeds(np.arange(8)))
-    assert samplers._sample._cache_size() == before + 1
+    assert driver._run._cache_size() == before + 1
 
 
 def test_sample_noise_depends_only_on_its_own_seed():
@@ -147,7 +158,7 @@ def test_injected_step_noise_reproduces_keyed_run_and_trajectory_starts_at_laten
         denoise = GaussianDenoiser.create(jnp.asarray(mean), jnp.asarray(cov))
         keys = samplers.keys_from_seeds(np.arange(3))
         lat = samplers.latents_from_keys(keys, SHAPE, jnp.float64)
-        noise = jnp.stack([samplers.step_noise_from_keys(keys, i, SHAPE, jnp.float64) for i in range(6)])
+        noise = jnp.stack([samplers.step_noise_from_keys(keys, i, SHAPE, jnp.float64) [0] for i in range(6)])
         keyed, traj = samplers.sample(cfg, denoise, lat, keys, return_trajectory=True)
         injected = samplers.sample(cfg, denoise, lat, step_noise=noise)
         zero_noise = samplers.sample(cfg, denoise, lat, step_noise=jnp.zeros_like(noise))
@@ -171,25 +182,27 @@ def test_deterministic_sampler_adds_no_noise_and_needs_no_key(cfg):
     """With S_churn = 0 the schedule 'vp' round trip sigma(sigma_inv(sigma)) left noise scales of
     2e-10..4e-8 in the step table, so sample() asked for a key: a deterministic sampler adds
     exactly zero noise."""
-    table = samplers.step_table(cfg)
+    table = edm_table(cfg)
     assert np.all(table.noise_scale == 0.0)
     mean, cov = gaussian()
     denoise = GaussianDenoiser.create(jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32))
     x = samplers.sample(cfg, denoise, samplers.latents_from_keys(samplers.keys_from_seeds(np.arange(4)), SHAPE))
     assert np.isfinite(np.asarray(x)).all()
-    churned = samplers.step_table(dataclasses.replace(cfg, S_churn=10.0))
+    churned = edm_table(dataclasses.replace(cfg, S_churn=10.0))
     assert np.all(churned.noise_scale > 0)  # where gamma > 0 the noise is still there
 
 
 @pytest.mark.parametrize('field,value', [('solver', 'rk4'), ('discretization', 'cosine'),
                                          ('schedule', 'exp'), ('scaling', 'sub-vp'), ('num_steps', 1),
-                                         ('alpha', 0.0)])
+                                         ('heun_point', 0.0), ('eta', 2.0), ('variance', 'learned'),
+                                         ('spacing', 'even')])
 def test_bad_sampler_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         samplers.Sampler(**{field: value})
 
 
 def test_sigma_range_is_clamped_to_the_denoiser():
-    table = samplers.step_table(samplers.edm_sampler(num_steps=5), net_sigma_min=0.02, net_sigma_max=10.0)
-    assert table.t_cur[0] == pytest.approx(10.0) and table.t_cur[-1] == pytest.approx(0.02)
-    assert table.t_next[-1] == 0.0
+    table = edm_table(samplers.edm_sampler(num_steps=5), sigma_min=0.02, sigma_max=10.0)
+    assert table.at_hat.sigma[0].squeeze() == pytest.approx(10.0)
+    assert table.at_hat.sigma[-1].squeeze() == pytest.approx(0.02)
+    assert table.h[-1] == pytest.approx(-0.02)  # the last step goes to sigma = 0

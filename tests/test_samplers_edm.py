@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from jaxdiff import precond as pc
-from jaxdiff import samplers
+from jaxdiff import processes, samplers
+from jaxdiff.samplers import driver, steps
+
+IDENTITY = processes.GaussianProcess(processes.EDM(0.0, float('inf')))  # basis = identity
 from jaxdiff.nets import convert
 
 EDM_NETS = ('ddpmpp', 'ncsnpp', 'adm', 'adm_iddpm', 'ddpmpp_cond', 'adm_cond')
@@ -47,6 +50,8 @@ def f32_tolerance(net, run):
 
 def run_config(run):
     kwargs = dict(run['kwargs'])
+    if 'alpha' in kwargs:  # EDM's name for Heun's second point
+        kwargs['heun_point'] = kwargs.pop('alpha')
     if run['fn'] == 'edm_sampler':
         return samplers.edm_sampler(**kwargs)
     return samplers.Sampler(**kwargs)
@@ -65,38 +70,42 @@ def denoiser_for(ref, precond_name, dtype):
     return pc.make_denoiser(module, params, precond)
 
 
-def evaluation_sigmas(cfg, denoise):
+def table_of(cfg, denoise, shape):
+    """The sampler's float64 step table for an EDM denoiser (EDM's process, scaled coordinates = EDM's)."""
+    model, process = samplers.bind(denoise)
+    table, init, _ = driver.build_table(cfg, model, process, shape)
+    return model, process, table, init
+
+
+def evaluation_sigmas(cfg, denoise, shape):
     """The noise levels our sampler evaluates the denoiser at, in call order."""
-    table = samplers.step_table(cfg, denoise.sigma_min, denoise.sigma_max, denoise.round_sigma)
+    _, _, table, _ = table_of(cfg, denoise, shape)
     sigmas = []
     for i in range(cfg.num_steps):
-        sigmas.append(table.sigma_hat[i])
+        sigmas.append(float(table.at_hat.sigma[i].squeeze() / table.at_hat.alpha[i].squeeze()))
         if cfg.solver == 'heun' and i < cfg.num_steps - 1:
-            sigmas.append(table.sigma_prime[i])
+            sigmas.append(float(table.at_prime.sigma[i].squeeze() / table.at_prime.alpha[i].squeeze()))
     return np.array(sigmas)
 
 
-def _jitted(denoise):
-    return lambda *args: _call_denoiser(denoise, *args)
-
-
 @jax.jit
-def _call_denoiser(denoise, x, sigma, labels, augment_labels):
-    return denoise(x, sigma, labels, augment_labels)
+def _denoise_once(model, x, point, labels):
+    return driver.scaled_denoiser(model, IDENTITY, labels, None)(x, point)
 
 
 def sample_step_by_step(cfg, denoise, latents, step_noise, labels):
-    """The sampler's own steps (`step_table` + `heun_step`) driven by a host loop around a jitted
-    denoiser: one compilation per network instead of one per sampler variant. That the compiled
-    `lax.scan` driver in `samplers.sample` equals this loop is checked on every network below."""
-    table = samplers.step_table(cfg, denoise.sigma_min, denoise.sigma_max, denoise.round_sigma)
+    """The sampler's own steps (`build_table` + `steps.edm_step`) driven by a host loop around a
+    jitted model call: one compilation per network instead of one per sampler variant. That the
+    compiled `lax.scan` driver in `samplers.sample` equals this loop is checked on every network below."""
+    model, process, table, init = table_of(cfg, denoise, latents.shape)
     dtype = latents.dtype
-    x = latents * (table.sigma_cur[0] * table.s_cur[0]).astype(dtype)
-    call = _jitted(denoise)
+    table = steps.tree_cast(table, dtype)
+    x = latents * jnp.asarray(init, dtype)
+    call = lambda x, point: _denoise_once(model, x, point, labels)
     for i in range(cfg.num_steps):
-        row = samplers.StepTable(*(jnp.asarray(column[i], dtype) for column in table))
+        row = jax.tree.map(lambda column: column[i], table)
         second_order = cfg.solver == 'heun' and i < cfg.num_steps - 1
-        x = samplers.heun_step(call, x, row, step_noise[i], labels, None, second_order=second_order)
+        x = steps.edm_step(call, x, row, step_noise[i][None], second_order=second_order)
     return x
 
 
@@ -108,7 +117,7 @@ def check_run(ref, run, precision, driver='steps'):
     # which loses about 1e-11 (relative, float64) near t = epsilon_s (EDM gives sigma_min = 0.002
     # as 0.0019999999999732, jaxdiff as 0.002000000000000003); schedules' float32 test shows why.
     rtol = 1e-6 if cfg.discretization == 'iddpm' else 1e-10 if 'vp' in (cfg.discretization, cfg.schedule) else 1e-12
-    np.testing.assert_allclose(evaluation_sigmas(cfg, denoise), ref[f'{precision}/sampler/{run["run"]}/call_sigma'],
+    np.testing.assert_allclose(evaluation_sigmas(cfg, denoise, ref.nhwc('sampler_inputs/latents').shape), ref[f'{precision}/sampler/{run["run"]}/call_sigma'],
                                rtol=rtol)
     labels = jnp.asarray(ref['inputs/class_labels'], dtype) if 'inputs/class_labels' in ref else None
     latents = jnp.asarray(ref.nhwc('sampler_inputs/latents'), dtype)
