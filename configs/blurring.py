@@ -3,8 +3,8 @@
 A Gaussian diffusion in the DCT basis whose per-frequency scale blurs the image as it adds noise
 (`jaxdiff.processes.BlurringProcess`), trained with the unweighted eps loss and sampled with the
 paper's ancestral sampler or, new in jaxdiff, the probability-flow ODE in scaled coordinates per
-frequency (`sample.solver`: ancestral | euler (DDIM) | heun | exp_heun; see
-`jaxdiff/samplers`). `process.sigma_blur_max = 0` is the plain cosine-logSNR diffusion.
+frequency (`sample.solver`: any solver of `jaxdiff.samplers`, e.g. ancestral | ddim | euler | heun |
+exp_heun | dpmpp_2m). `process.sigma_blur_max = 0` is the plain cosine-logSNR diffusion.
 
   (default)  the embedded sklearn digits, 8x8, the EDM digits preset's DDPM++ (0.75M parameters)
              and budget (200k images), ancestral sampling with T = 100: trains, samples and scores on 2 CPU cores.
@@ -18,16 +18,16 @@ frequency (`sample.solver`: ancestral | euler (DDIM) | heun | exp_heun; see
 """
 import ml_collections
 
-from configs import default, edm
+from configs import default
 
 
 def _process(sigma_blur_max):
-    return ml_collections.ConfigDict(dict(sigma_blur_max=sigma_blur_max, min_scale=0.001,
-                                          logsnr_min=-10.0, logsnr_max=10.0))
+    return ml_collections.ConfigDict(dict(schedule='cosine', logsnr_min=-10.0, logsnr_max=10.0,
+                                          sigma_blur_max=sigma_blur_max, min_scale=0.001))
 
 
 def digits(c):
-    edm.digits(c)  # data, network, optimiser, EMA and budget of the EDM digits preset
+    default.digits(c)  # data, network, optimiser, EMA and budget shared with the EDM digits preset
     c.process = _process(5.0)
     c.ema.halflife_images, c.ema.rampup_ratio = 20_000, 0.05  # the EMA its digits figures were measured with
     # The paper's ancestral sampler by default: digits FD 6.4 at 1,024 samples (100 evaluations).
@@ -37,15 +37,17 @@ def digits(c):
     # Try --config.sample.solver=exp_heun --config.sample.num_steps=20 (benchmarks/RESULTS.md §4).
     c.sample.solver = 'ancestral'
     c.sample.num_steps = 100
-    c.sample.spacing = 'uniform'
+    c.sample.discretization = 'uniform'
     c.sample.low_snr_cutoff = -8.0  # ODE solvers only (parameterize.LowSNRCutoff)
 
 
 def cifar10(c):
-    edm.cifar10(c)
+    default.cifar10_data(c)
+    c.model.kwargs = default.ddpmpp(128, (2, 2, 2), dropout=0.1)
     c.process = _process(20.0)
-    c.model.kwargs.dropout = 0.1
     c.train.batch_size = 128
+    c.train.total_images = 200_000_000
+    c.eval.num_samples, c.eval.seed_sets = 50_000, 3  # EDM's FID protocol
     c.optim.lr = 2e-4
     c.optim.warmup_images = 640_000       # 5k steps of 128
     c.optim.grad_clip = 1.0
@@ -53,7 +55,7 @@ def cifar10(c):
     c.ema.rampup_ratio = 0.0
     c.sample.solver = 'ancestral'
     c.sample.num_steps = 1000
-    c.sample.spacing = 'uniform'
+    c.sample.discretization = 'uniform'
     c.sample.low_snr_cutoff = -8.0  # ODE solvers only; tuned on the digits, not on CIFAR-10
     c.augment_p = 0.0
 
@@ -62,7 +64,12 @@ PRESETS = {'digits': digits, 'cifar10': cifar10}
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
-    c = default.from_preset(PRESETS, preset, 'configs/blurring.py')
+    c = default.from_preset(PRESETS, preset, 'configs/blurring.py', before=_blurring_fields)
     c.method = 'blurring'
-    c.loss.type = 'eps'
     return c
+
+
+def _blurring_fields(c):
+    c.loss.type = 'eps'
+    default.gaussian_model(c, 'eps')
+    c.sample.low_snr_cutoff = ml_collections.config_dict.placeholder(float)

@@ -26,30 +26,8 @@ from configs import default
 
 
 
-def _ddpmpp(model_channels, channel_mult, dropout, attn_resolutions=(16,), num_blocks=4):
-    return ml_collections.ConfigDict(dict(
-        model_channels=model_channels, channel_mult=tuple(channel_mult), num_blocks=num_blocks,
-        attn_resolutions=tuple(attn_resolutions), dropout=dropout, embedding_type='positional',
-        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=(1, 1)))
-
-
 def digits(c):
-    c.data.name, c.data.resolution, c.data.channels = 'digits', 8, 1
-    # One block per resolution and no dropout: 0.75M parameters at about 510 images/s on 2 CPU
-    # cores, against 1.03M at about 330 with two blocks and EDM's dropout 0.1; per second of
-    # training this reaches a better Frechet distance (benchmarks/RESULTS.md, section 7).
-    c.model.kwargs = _ddpmpp(32, (1, 2), dropout=0.0, attn_resolutions=(4,), num_blocks=1)
-    c.train.batch_size = 128
-    c.train.total_images = 200_000
-    c.train.log_every_steps = 50
-    c.train.checkpoint_every_steps = 500
-    c.optim.lr = 2e-3
-    c.optim.warmup_images = 20_000
-    # EMA half-life 0.2 x the images seen (40k at the end): in a run that kept four EMAs of the
-    # same weights it scored better than EDM's 0.05 (FD 3.77 vs 4.47 at 200k, 3.83 vs 4.72 at
-    # 160k; benchmarks/RESULTS.md section 7b).
-    c.ema.halflife_images = 500_000
-    c.ema.rampup_ratio = 0.2
+    default.digits(c)
     # EDM's stochastic sampler (Algorithm 2) with churn between sigma 0.01 and 1: 40 steps, 79
     # network evaluations, about 12 s more than the deterministic 18 steps for 1,024 samples, and
     # a lower Frechet distance in all six training runs of section 7b (mean 2.82 vs 4.30 for
@@ -58,13 +36,11 @@ def digits(c):
     c.sample.S_churn = 40.0
     c.sample.S_min = 0.01
     c.sample.S_max = 1.0
-    c.sample.num_samples = 100  # the PNG grid (10 x 10); eval draws eval.num_samples
-    c.eval.num_samples = 1024
 
 
 def cifar10(c):
-    c.data.name, c.data.resolution, c.data.channels, c.data.xflip = 'cifar10', 32, 3, True
-    c.model.kwargs = _ddpmpp(128, (2, 2, 2), dropout=0.13)
+    default.cifar10_data(c)
+    c.model.kwargs = default.ddpmpp(128, (2, 2, 2), dropout=0.13)
     c.train.batch_size = 512
     c.train.total_images = 200_000_000
     c.optim.lr = 1e-3
@@ -82,7 +58,7 @@ def cifar10_cond(c):
 
 def ffhq64(c):
     c.data.name, c.data.resolution, c.data.channels, c.data.xflip = 'ffhq64', 64, 3, True
-    c.model.kwargs = _ddpmpp(128, (1, 2, 2, 2), dropout=0.05)
+    c.model.kwargs = default.ddpmpp(128, (1, 2, 2, 2), dropout=0.05)
     c.train.batch_size = 256
     c.train.total_images = 200_000_000
     c.optim.lr = 2e-4
@@ -121,6 +97,12 @@ PRESETS = {'digits': digits, 'cifar10': cifar10, 'cifar10_cond': cifar10_cond, '
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
-    c = default.from_preset(PRESETS, preset, 'configs/edm.py')
+    c = default.from_preset(PRESETS, preset, 'configs/edm.py', before=_edm_fields)
     c.method = 'edm'
     return c
+
+
+def _edm_fields(c):
+    """EDM's preconditioning and loss (jaxdiff/precond.py, jaxdiff/losses.py)."""
+    c.precond = ml_collections.ConfigDict(dict(type='edm', sigma_data=0.5))
+    c.loss = ml_collections.ConfigDict(dict(type='edm', P_mean=-1.2, P_std=1.2))

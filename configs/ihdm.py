@@ -23,7 +23,7 @@ needs twice those values: 0.02 and 0.025.
 """
 import ml_collections
 
-from configs import default, edm
+from configs import default
 
 
 def _process(K, blur_sigma_max, delta=0.025):
@@ -32,7 +32,7 @@ def _process(K, blur_sigma_max, delta=0.025):
 
 
 def digits(c):
-    edm.digits(c)
+    default.digits(c)
     # IHDM keeps the EDM digits network and budget of 2026-11-21 (2 blocks per resolution, dropout
     # 0.1, 120k images): with the EDM preset's smaller, dropout-free network at 200k images its
     # samples stayed noisy (digits FD 332 against 134; benchmarks/RESULTS.md section 4).

@@ -1,33 +1,46 @@
 """Log-likelihoods and bits/dim through the probability-flow ODE (Song et al. 2021, "Score-based
-generative modeling through SDEs", §4.3 and App. D.2).
+generative modeling through SDEs", §4.3 and App. D.2), for any process of `jaxdiff.processes` and
+a `jaxdiff.parameterize` model (`log_likelihood_of_model`, `bits_per_dim_of_model`), or in EDM's
+form: a denoiser D(x; sigma) and a `samplers.Sampler` naming sigma(t) and s(t) (`log_likelihood`,
+`bits_per_dim`: the same computation on the matching process, `sampler_process`).
 
-A process with noise level sigma(t) and scale s(t) has the probability-flow ODE (in the form of
-`jaxdiff.samplers`)
+The ODE. Per basis coefficient u = V^T z = alpha_t x + sigma_t eps (alpha_t per frequency for
+blurring, sigma_t a scalar), with f = d log alpha / dt and g^2 = d sigma^2 / dt - 2 f sigma^2 (the
+SDE dx = f x dt + g dw of Song et al. 2021), the PF-ODE du/dt = f u - g^2 score / 2 with
+score = -eps_hat / sigma is
 
-    dx/dt = f(x, t) = a(t) x - b(t) D(x / s(t); sigma(t)),   a = sigma'/sigma + s'/s,  b = sigma' s / sigma,
+    du/dt = f u + c eps_hat,   c = g^2 / (2 sigma) = sigma d log(sigma / alpha) / dt = -sigma lambda' / 2,
 
-a continuous normalising flow from the data (t_min) to the prior (t_max). By the instantaneous
-change of variables (Chen et al. 2018, Thm. 1), along a solution x(t),
+lambda = log(alpha^2 / sigma^2). alpha'(t) and sigma'(t) are forward-mode derivatives (`jax.jvp`) of
+`process.scale_sigma`, so every schedule works. In EDM's variables (x = s x~, sigma~ = sigma / alpha)
+this is EDM's dx/dt = (sigma'/sigma + s'/s) x - (sigma' s / sigma) D(x / s; sigma) of `samplers`.
+A Discrete (DDPM) schedule's lambda is linear in t between its table points t = n / T: lambda' jumps
+there, and the right-hand side with it (it is smooth in lambda, not in t). Each of the T jumps
+costs the adaptive solver an error of about its tolerance times |Delta| (measured: 6e-4 to 5e-3
+nats at rtol 1e-5 to 1e-7), so ODESolver(time='auto') integrates a Discrete schedule in
+tau = log(sigma_t / alpha_t), where it is smooth. 'process' integrates in the process's t,
+'log_sigma' in tau (t(tau) by Newton's method on the schedule); div f dt is invariant under a
+change of time, so the likelihood is the same and only the solver's work differs.
 
-    log p_{t_min}(x(t_min)) = log p_prior(x(t_max)) + int_{t_min}^{t_max} div_x f(x(t), t) dt,
+It is a continuous normalising flow from the data (t_min) to the prior (t_max). By the
+instantaneous change of variables (Chen et al. 2018, Thm. 1), along a solution u(t),
 
-so we integrate the pair (x, Delta) with dDelta/dt = div f from t_min to t_max, entirely in JAX
+    log p_{t_min}(u(t_min)) = log p_prior(u(t_max)) + int_{t_min}^{t_max} div f(u(t), t) dt,
+
+so we integrate the pair (z, Delta) with dDelta/dt = div f from t_min to t_max, entirely in JAX
 (`dopri5` is an adaptive Dormand-Prince 5(4) solver in a `lax.while_loop`; `rk4`/`heun` take fixed
-steps) and add the prior's log-density at x(t_max): log N(z; 0, (s(t_max) sigma(t_max))^2 I).
-Each image is solved on its own (vmapped: its own steps and nfe, its result independent of its
-batch-mates); a batch costs as many iterations as its slowest image.
-What is computed is the density of the process's marginal at t_min (the data blurred by
-sigma(t_min) and scaled by s(t_min)), as in score-SDE, which starts the ODE at t = epsilon.
+steps) and add the prior's log-density at z(t_max): log N(z; 0, sigma_{t_max}^2 I) (EDM's
+s(t_max) sigma(t_max)), which neglects the signal alpha_{t_max} x left at t_max (its error is
+closed-form; tests/test_likelihood.py). V is orthonormal, so div_z = div_u and the density of z is
+that of u. What is computed is the density of the process's marginal at t_min (alpha_{t_min} x +
+sigma_{t_min} eps), as in score-SDE, which starts the ODE at t = epsilon. Each image is solved on its
+own (vmapped: its own steps and nfe, its result independent of its batch-mates); a batch costs as
+many iterations as its slowest image.
 
 div f is exact (the trace of the Jacobian from `jax.jacfwd`: D JVPs, for small images and tests) or
 Hutchinson's estimate eps^T (df/dx) eps with Rademacher or Gaussian probes, one JVP per probe, the
 probes drawn once per image and held fixed along the trajectory (as score-SDE does, so the
 estimated ODE stays smooth for the adaptive solver).
-
-The time variable: `ODESolver.time='process'` integrates in the process's own t (the `Sampler`'s
-schedule: sigma = t for EDM, sqrt(t) for VE, the VP exponential); 'log_sigma' integrates in
-u = log sigma instead. The trajectory and the likelihood are the same (div f dt is invariant under
-a change of time); only the solver's work differs.
 
 bits/dim. 8-bit images k in {0, ..., 255} are modelled on x in [-1, 1]. With bin width Delta (in
 x units) and uniform dequantisation x = c_k + (u - 1/2) Delta, u ~ U[0, 1)^D, Jensen's inequality
@@ -59,11 +72,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import samplers, schedules
-from jaxdiff.samplers import grids  # noqa: F401  (samplers.grids)
+from jaxdiff import processes, samplers, schedules
+from jaxdiff.samplers import grids
 
 METHODS = ('rk45', 'rk4', 'heun')
-TIMES = ('process', 'log_sigma')
+TIMES = ('auto', 'process', 'log_sigma')
 DIVERGENCES = ('hutchinson', 'exact')
 PROBES = ('rademacher', 'gaussian')
 BINS = ('centered', 'score_sde')
@@ -74,19 +87,21 @@ class ODESolver:
     """How the PF-ODE is integrated.
 
     method: 'rk45' (adaptive Dormand-Prince 5(4), score-SDE's scipy default) or the fixed-step 'rk4'
-      and 'heun' (2nd order), whose `num_steps` steps follow the process's own discretisation
-      (`Sampler.discretization`: EDM's rho spacing puts them where the ODE moves fastest).
+      and 'heun' (2nd order), whose `num_steps` steps follow a discretisation of the noise levels
+      sigma_t / alpha_t (EDM's rho = 7, or the EDM form's `Sampler.discretization`), which puts them
+      where the ODE moves fastest.
     rtol, atol: the adaptive solver's tolerances (score-SDE: 1e-5 both); the error norm is the RMS
       over the whole state (image and Delta) of err / (atol + rtol max(|y|, |y_new|)), as scipy's.
     max_steps: attempted adaptive steps after which an image is given up (`success` = False).
-    time: 'process' (the process's t) or 'log_sigma' (u = log sigma); see the module docstring.
+    time: 'process' (the process's t), 'log_sigma' (log(sigma_t / alpha_t)) or 'auto' ('log_sigma'
+      for a Discrete schedule, else 'process'); see the module docstring.
     """
     method: str = 'rk45'
     rtol: float = 1e-5
     atol: float = 1e-5
     num_steps: int = 64
     max_steps: int = 4096
-    time: str = 'process'
+    time: str = 'auto'
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,7 +117,7 @@ class ODESolver:
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes: presets and the ODE's coefficients.
+# EDM's form: presets (samplers.Sampler) and their processes.
 
 def edm_process(sigma_min: float = 0.002, sigma_max: float = 80.0) -> samplers.Sampler:
     """EDM: sigma(t) = t, s(t) = 1 on [sigma_min, sigma_max]; prior N(0, sigma_max^2 I)."""
@@ -119,108 +134,137 @@ def vp_process(epsilon_t: float = 1e-5, beta_d: float = 19.9, beta_min: float = 
 
 
 def ve_process(sigma_min: float = 0.01, sigma_max: float = 50.0) -> samplers.Sampler:
-    """VE: sigma(t) = sqrt(t), s(t) = 1 (EDM's form; score-SDE's geometric sigma(t) traces the same
-    trajectory in another time); prior N(0, sigma_max^2 I). Defaults: score-SDE's CIFAR-10 VE."""
+    """VE: sigma(t) = sqrt(t), s(t) = 1 (EDM's form), prior N(0, sigma_max^2 I); integrated as
+    score-SDE's geometric sigma(t), the same trajectory in another time. Defaults: score-SDE's
+    CIFAR-10 VE."""
     return samplers.Sampler(discretization='ve', schedule='ve', scaling='none',
                             sigma_min=sigma_min, sigma_max=sigma_max)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProbabilityFlow:
-    """The PF-ODE of one process on [t_min, t_max]: hashable host constants (static under jit).
+def sampler_process(sampler: samplers.Sampler) -> processes.GaussianProcess:
+    """The process of an EDM-form `Sampler` on its discretisation's noise range: schedule 'linear'
+    (scaling 'none') is EDM, 've' ('none') VE, 'vp' ('vp') VP with the betas fitted to the range
+    (EDM App. C.2, as `samplers.steps.edm_time_variable`) on t in [epsilon_s, 1]."""
+    lo, hi = grids.default_sigma_range(sampler)
+    kind = (sampler.schedule, sampler.scaling)
+    if kind == ('linear', 'none'):
+        return processes.GaussianProcess(processes.EDM(lo, hi))
+    if kind == ('ve', 'none'):
+        return processes.GaussianProcess(processes.VE(lo, hi))
+    if kind == ('vp', 'vp'):
+        beta_d, beta_min = schedules.vp_betas_for_range(lo, hi, sampler.epsilon_s)
+        return processes.GaussianProcess(processes.VP(beta_min, beta_min + beta_d, sampler.epsilon_s, 1.0))
+    raise ValueError(f"The likelihood's EDM form takes schedule/scaling linear/none, ve/none or vp/vp, got "
+                     f'{sampler.schedule}/{sampler.scaling}')
 
-    schedule: sigma(t): 'linear' (t), 've' (sqrt t), 'vp' (sqrt(exp(beta_d t^2/2 + beta_min t) - 1))
-      or 'log' (e^t: the time is log sigma). scaling: s(t): 'none' (1) or 'vp' (1/sqrt(1 + sigma^2)).
-    Methods take `xp` (jnp for traced t, np for float64 on the host).
+
+# ---------------------------------------------------------------------------------------------
+# The PF-ODE of a process.
+
+_TABLE_SIZE, _NEWTON_STEPS = 257, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFlow:
+    """The PF-ODE dz/dtau = V (f V^T z + c V^T eps_hat) of `process` in the integration variable tau:
+    hashable host constants (static under jit). Module docstring for f and c.
+
+    time: 'process' (tau = t) or 'log_sigma' (tau = log(sigma_t / alpha_t) of the schedule, the DC
+      coefficient's; f and c are then multiplied by dt/dtau).
+    t_min, t_max: the ends in tau; `times`: the ends in process time.
+    table: for 'log_sigma', host float64 (tau_k, t_k) pairs, the start of t(tau)'s Newton steps.
     """
-    schedule: str
-    scaling: str
+    process: Any
     t_min: float
     t_max: float
-    beta_d: float = 0.0
-    beta_min: float = 0.0
+    time: str = 'process'
+    times: tuple = (0.0, 1.0)
+    table: tuple = ()
 
-    def sigma_and_deriv(self, t, xp=jnp):
-        """(sigma(t), sigma'(t))."""
-        if self.schedule == 'vp':
-            # schedules.vp_sigma as expm1: at score-SDE's t = 1e-5 the exponent is ~1e-6, and
-            # exp(.) - 1 in float32 keeps only ~3 significant bits of it.
-            sigma = xp.sqrt(xp.expm1(0.5 * self.beta_d * t ** 2 + self.beta_min * t))
-            return sigma, 0.5 * (self.beta_min + self.beta_d * t) * (sigma + 1 / sigma)  # schedules.vp_sigma_deriv
-        if self.schedule == 've':
-            return schedules.ve_sigma(t), schedules.ve_sigma_deriv(t)
-        if self.schedule == 'linear':
-            return schedules.linear_sigma(t), xp.ones_like(t)
-        return xp.exp(t), xp.exp(t)
+    def _log_noise_level(self, t):
+        alpha, sigma = self.process.schedule.alpha_sigma(t)
+        return jnp.log(sigma) - jnp.log(alpha)
 
-    def sigma_inv(self, sigma):
-        """t(sigma), on the host."""
-        if self.schedule == 'vp':
-            return schedules.vp_sigma_inv(sigma, self.beta_d, self.beta_min)
-        if self.schedule == 've':
-            return schedules.ve_sigma_inv(sigma)
-        if self.schedule == 'linear':
-            return schedules.linear_sigma_inv(sigma)
-        return np.log(sigma)
+    def process_time(self, tau):
+        """t at tau (traced): tau itself, or Newton's method on log(sigma_t / alpha_t) = tau from
+        the table's linear interpolation (exact in 1-2 steps for Discrete's piecewise-linear
+        lambda; quadratic convergence from ~1e-3 relative for the smooth schedules)."""
+        if self.time == 'process':
+            return tau
+        t = jnp.interp(tau, *(jnp.asarray(a, tau.dtype) for a in self.table))
+        for _ in range(_NEWTON_STEPS):
+            s, ds = jax.jvp(self._log_noise_level, (t,), (jnp.ones_like(t),))
+            t = jnp.clip(t - (s - tau) / ds, *self.times).astype(tau.dtype)
+        return t
 
-    def coefficients(self, t, xp=jnp):
-        """(sigma, s, a, b) at t, with f(x, t) = a x - b D(x / s; sigma)."""
-        sigma, dsigma = self.sigma_and_deriv(t, xp)
-        if self.scaling == 'vp':
-            s = schedules.vp_scale(sigma)
-            # a = sigma'/sigma + s'/s with s'/s = -sigma sigma' s^2 (schedules.vp_scale_deriv / s);
-            # as 1 - sigma^2 s^2 = s^2 that is sigma' s^2 / sigma, which does not cancel two terms
-            # of size beta/2 at large sigma.
-            a = dsigma * s ** 2 / sigma
-        else:
-            s = xp.ones_like(sigma)
-            a = dsigma / sigma
-        return sigma, s, a, dsigma * s / sigma
+    def coefficients(self, tau, shape, dtype):
+        """(t, alpha_t, sigma_t, f, c) at tau for an NHWC batch shape (alpha, f, c per coefficient)."""
+        tau = jnp.asarray(tau, dtype)
+        t = self.process_time(tau)
+        (alpha, sigma), (dalpha, dsigma) = jax.jvp(lambda t: self.process.scale_sigma(t, shape, dtype), (t,),
+                                                   (jnp.ones_like(t),))
+        f = dalpha / alpha
+        c = dsigma - sigma * f  # sigma d log(sigma / alpha) / dt
+        if self.time == 'log_sigma':
+            dtau = jax.jvp(self._log_noise_level, (t,), (jnp.ones_like(t),))[1]
+            f, c = f / dtau, c / dtau
+        return tuple(jnp.asarray(a, dtype) for a in (t, alpha, sigma, f, c))
+
+    def vector_field(self, model, tau, shape, dtype, labels=None):
+        """z -> dz/dtau for batches z of `shape`: one model evaluation per z."""
+        t, alpha, sigma, f, c = self.coefficients(tau, shape, dtype)
+        p = self.process
+
+        def field(z):
+            eps = model.predict(z, t, alpha, sigma, labels).eps
+            return p.from_basis(f * p.to_basis(z) + c * p.to_basis(eps))
+        return field
 
     @property
     def prior_std(self) -> float:
-        """s(t_max) sigma(t_max) in float64: the std of the Gaussian prior."""
-        sigma, s, _, _ = self.coefficients(np.float64(self.t_max), np)
-        return float(s * sigma)
+        """sigma_t at t_max in float64: the std of the Gaussian prior N(0, sigma^2 I)."""
+        return float(np.asarray(self.process.scale_sigma(np.float64(self.times[1]), (1, 1, 1, 1))[1]).item())
+
+    def grid(self, num_steps: int, discretization: samplers.Sampler = samplers.Sampler()) -> tuple:
+        """num_steps + 1 values of tau from t_min to t_max at the noise levels sigma_t / alpha_t (DC)
+        of `discretization` (EDM's rho = 7 by default), float64 on the host."""
+        lo, hi = grids.dc_noise_level(self.process, np.array(self.times))
+        levels = grids.edm_noise_levels(dataclasses.replace(discretization, num_steps=num_steps + 1), lo, hi)[::-1]
+        tau = np.log(levels) if self.time == 'log_sigma' else self.process.t_from_noise_level(levels)
+        tau = np.asarray(tau, np.float64)
+        tau[0], tau[-1] = self.t_min, self.t_max  # exact ends, whatever the inverse rounds
+        return tuple(tau.tolist())
 
 
-def probability_flow(process: samplers.Sampler = samplers.Sampler(), denoise=None,
-                     time: str = 'process') -> ProbabilityFlow:
-    """The PF-ODE of `process` (a `samplers.Sampler`: schedule, scaling and noise range; the
-    `discretization` gives the default range and the fixed-step grid), the range clamped to what
-    `denoise` supports, in the process's time or in log sigma."""
+def model_flow(model, process=None, time: str = 'auto'):
+    """(model, ModelFlow): the PF-ODE of `process` (default `model.process`) on its [t_min, t_max],
+    clamped to the noise levels sigma_t / alpha_t the model supports (an EDM preconditioning's).
+
+    model: a `jaxdiff.parameterize` model, or an EDM denoiser D(x, sigma, labels) (`samplers.bind`;
+    without `process` on EDM's process on [0.002, 80], `log_likelihood`'s default)."""
     if time not in TIMES:
         raise ValueError(f'time must be one of {TIMES}, got {time!r}')
-    sigma_min, sigma_max = schedules.clamp_sigma_range(
-        *samplers.grids.default_sigma_range(process), getattr(denoise, 'sigma_min', 0.0),
-        getattr(denoise, 'sigma_max', float('inf')))
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f'The PF-ODE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
-    betas = {}
-    if process.schedule == 'vp':
-        # As samplers.steps.edm_time_variable: the VP betas are fitted to the range.
-        beta_d, beta_min = schedules.vp_betas_for_range(sigma_min, sigma_max, process.epsilon_s)
-        betas = dict(beta_d=beta_d, beta_min=beta_min)
-    schedule = 'log' if time == 'log_sigma' else process.schedule
-    flow = ProbabilityFlow(schedule, process.scaling, 0.0, 0.0, **betas)
-    return dataclasses.replace(flow, t_min=float(flow.sigma_inv(np.float64(sigma_min))),
-                               t_max=float(flow.sigma_inv(np.float64(sigma_max))))
-
-
-def time_grid(process: samplers.Sampler, flow: ProbabilityFlow, num_steps: int) -> np.ndarray:
-    """num_steps + 1 times from t_min to t_max at the process's discretisation of the noise levels
-    (float64, host)."""
-    sigma_min, sigma_max = (float(flow.sigma_and_deriv(np.float64(t), np)[0]) for t in (flow.t_min, flow.t_max))
-    sigmas = samplers.grids.edm_noise_levels(dataclasses.replace(process, num_steps=num_steps + 1), sigma_min, sigma_max)
-    t = np.asarray(flow.sigma_inv(np.asarray(sigmas[::-1], np.float64)), np.float64)
-    t[0], t[-1] = flow.t_min, flow.t_max  # exact ends, whatever the discretisation rounds
-    return t
-
-
-def drift(flow: ProbabilityFlow, denoise, t, x, labels=None):
-    """f(x, t) = a(t) x - b(t) D(x / s(t); sigma(t)) for a batch x and a scalar t."""
-    sigma, s, a, b = (c.astype(x.dtype) for c in flow.coefficients(jnp.asarray(t, x.dtype)))
-    return a * x - b * denoise(x / s, sigma, labels)
+    if process is None and not hasattr(model, 'predict'):
+        process = processes.GaussianProcess(processes.EDM())
+    model, process = samplers.bind(model, process)
+    if time == 'auto':
+        time = 'log_sigma' if isinstance(process.schedule, processes.Discrete) else 'process'
+    lo, hi = float(process.t_min), float(process.t_max)
+    if model.sigma_min > 0:
+        lo = max(lo, float(process.t_from_noise_level(model.sigma_min)))
+    if model.sigma_max < math.inf:
+        hi = min(hi, float(process.t_from_noise_level(model.sigma_max)))
+    levels = grids.dc_noise_level(process, np.array([lo, hi]))
+    if not (lo < hi and np.all(np.isfinite(levels)) and 0 < levels[0] < levels[1]):
+        raise ValueError(f'The PF-ODE needs t_min < t_max with noise levels 0 < sigma_t / alpha_t < inf, got '
+                         f't in [{lo}, {hi}], noise levels {levels.tolist()} ({type(process.schedule).__name__})')
+    if time == 'process':
+        return model, ModelFlow(process, lo, hi, time, (lo, hi))
+    tau = np.linspace(*np.log(levels), _TABLE_SIZE)
+    t = np.asarray(process.t_from_noise_level(np.exp(tau)), np.float64)
+    t[0], t[-1] = lo, hi
+    return model, ModelFlow(process, float(tau[0]), float(tau[-1]), time, (lo, hi),
+                            (tuple(tau.tolist()), tuple(t.tolist())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,13 +501,25 @@ def _check(divergence, probe, num_probes):
         raise ValueError(f'num_probes must be a positive integer, got {num_probes}')
 
 
+def _probes(keys, shape, num_probes, probe, dtype):
+    """Image n's probes from fold_in(keys[n], 1)."""
+    return jax.vmap(lambda k: hutchinson_probes(jax.random.fold_in(k, 1), shape, num_probes, probe, dtype))(keys)
+
+
+def _prepare(model, process, solver, discretization=samplers.Sampler()):
+    """(model, flow, fixed-step grid or None), on the host."""
+    model, flow = model_flow(model, process, solver.time)
+    return model, flow, None if solver.method == 'rk45' else flow.grid(solver.num_steps, discretization)
+
+
 @functools.partial(jax.jit, static_argnames=('flow', 'grid', 'solver', 'divergence'))
-def _log_likelihood(denoise, prior, x, probes, labels, *, flow, grid, solver, divergence):
+def _log_likelihood(model, prior, x, probes, labels, *, flow, grid, solver, divergence):
     """The compiled computation: one ODE solve per image (vmapped, so each image takes its own
     steps), then the prior at x(t_max)."""
     def one(x, probes, labels):
         def f(t, y):
-            fn = lambda x: drift(flow, denoise, t, x[None], None if labels is None else labels[None])[0]
+            field = flow.vector_field(model, t, (1, *x.shape), x.dtype, None if labels is None else labels[None])
+            fn = lambda x: field(x[None])[0]
             fx, div = divergence_exact(fn, y[0]) if divergence == 'exact' else divergence_hutchinson(fn, y[0], probes)
             return fx, div.astype(x.dtype)
 
@@ -483,31 +539,41 @@ def _log_likelihood(denoise, prior, x, probes, labels, *, flow, grid, solver, di
     return LogLikelihood(log_prob, prior_log_prob, delta, z, nfe, success)
 
 
-def log_likelihood(denoise, x, key=None, *, process: samplers.Sampler = samplers.Sampler(),
-                   solver: ODESolver = ODESolver(), divergence: str = 'hutchinson', probe: str = 'rademacher',
-                   num_probes: int = 1, labels=None, prior=None) -> LogLikelihood:
-    """log p_{t_min}(x) of images x (NHWC, in the denoiser's space) through the PF-ODE (jit-compiled).
+def log_likelihood_of_model(model, x, key=None, *, process=None, solver: ODESolver = ODESolver(),
+                            divergence: str = 'hutchinson', probe: str = 'rademacher', num_probes: int = 1,
+                            labels=None, prior=None, discretization: samplers.Sampler = samplers.Sampler()
+                            ) -> LogLikelihood:
+    """log p_{t_min}(x) of images x (NHWC, pixel space) through the PF-ODE (jit-compiled).
 
-    denoise: `D(x, sigma, labels)` (a `precond.Denoiser`, `analytic.GaussianDenoiser`, or a
-      function); its sigma range clamps the process's.
-    process: a `samplers.Sampler` naming schedule, scaling and sigma range (`edm_process`,
-      `vp_process`, `ve_process`); the default is EDM on [0.002, 80].
+    model: a `jaxdiff.parameterize` model (Model, DenoiserModel, Guided, ...: its eps_hat drives the
+      ODE) or an EDM denoiser D(x, sigma, labels) (`model_flow`).
+    process: a process of `jaxdiff.processes`, default `model.process` (another one only to change
+      the time range: the model keeps its own noise labels); the ODE runs over its [t_min, t_max],
+      clamped to the model's noise levels.
     key: one key, or one per image (then an image's probes depend on its own key alone): image n's
       probes are drawn from fold_in(key_n, 1). Not needed for divergence='exact'.
-    prior: `prior(z) -> [N]` log-density at t_max; default log N(z; 0, (s sigma)^2 I) at t_max.
+    prior: `prior(z) -> [N]` log-density at t_max; default log N(z; 0, sigma_{t_max}^2 I).
+    discretization: a `samplers.Sampler` whose noise levels place the fixed steps ('rk4', 'heun').
     """
     _check(divergence, probe, num_probes)
-    flow = probability_flow(process, denoise, solver.time)
-    grid = None if solver.method == 'rk45' else tuple(time_grid(process, flow, solver.num_steps).tolist())
+    model, flow, grid = _prepare(model, process, solver, discretization)
     probes = None
     if divergence == 'hutchinson':
         if key is None:
             raise ValueError("divergence='hutchinson' needs a key for its probes")
-        keys = _per_image_keys(key, x.shape[0])
-        probes = jax.vmap(lambda k: hutchinson_probes(jax.random.fold_in(k, 1), x.shape[1:], num_probes,
-                                                      probe, x.dtype))(keys)
-    return _log_likelihood(_as_pytree(denoise), _as_pytree(prior), x, probes, labels,
-                           flow=flow, grid=grid, solver=solver, divergence=divergence)
+        probes = _probes(_per_image_keys(key, x.shape[0]), x.shape[1:], num_probes, probe, x.dtype)
+    return _log_likelihood(model, _as_pytree(prior), x, probes, labels, flow=flow, grid=grid, solver=solver,
+                           divergence=divergence)
+
+
+def log_likelihood(denoise, x, key=None, *, process: samplers.Sampler = samplers.Sampler(),
+                   **kwargs) -> LogLikelihood:
+    """`log_likelihood_of_model` in EDM's form: `denoise` D(x, sigma, labels) (a `precond.Denoiser`,
+    `analytic.GaussianDenoiser`, a function; its sigma range clamps the process's) on the process
+    of a `samplers.Sampler` (`edm_process`, `vp_process`, `ve_process`, `sampler_process`; default
+    EDM on [0.002, 80]), whose discretisation places the fixed steps. Prior N(0, (s sigma)^2 I)."""
+    return log_likelihood_of_model(denoise, x, key, process=sampler_process(process), discretization=process,
+                                   **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,10 +606,11 @@ class BitsPerDim(NamedTuple):
     success: jax.Array
 
 
-def bits_per_dim(denoise, images, key, *, process: samplers.Sampler = samplers.Sampler(),
-                 solver: ODESolver = ODESolver(), divergence: str = 'hutchinson', probe: str = 'rademacher',
-                 num_probes: int = 1, num_levels: int = 256, bins: str = 'centered', dequantize: bool = True,
-                 labels=None, prior=None, dtype=jnp.float32) -> BitsPerDim:
+def bits_per_dim_of_model(model, images, key, *, process=None, solver: ODESolver = ODESolver(),
+                          divergence: str = 'hutchinson', probe: str = 'rademacher', num_probes: int = 1,
+                          num_levels: int = 256, bins: str = 'centered', dequantize: bool = True, labels=None,
+                          prior=None, dtype=jnp.float32,
+                          discretization: samplers.Sampler = samplers.Sampler()) -> BitsPerDim:
     """bits/dim of integer images (NHWC, values in {0..num_levels-1}) through the PF-ODE
     (jit-compiled as a whole):
 
@@ -551,24 +618,29 @@ def bits_per_dim(denoise, images, key, *, process: samplers.Sampler = samplers.S
 
     key: one key or one per image; image n's dequantisation noise u is drawn from fold_in(key_n, 0)
     and its probes from fold_in(key_n, 1), so an image's figure does not depend on its batch.
-    dtype: of x and the ODE state. Other arguments as `log_likelihood`.
+    dtype: of x and the ODE state. Other arguments as `log_likelihood_of_model`.
     Returns per-image bpd, nfe and success, each [N].
     """
     if not jnp.issubdtype(jnp.asarray(images).dtype, jnp.integer):
         raise ValueError(f'bits_per_dim takes integer images in [0, {num_levels}), got dtype {images.dtype}')
     bin_width(num_levels, bins)  # validates `bins`
     _check(divergence, probe, num_probes)
-    flow = probability_flow(process, denoise, solver.time)
-    grid = None if solver.method == 'rk45' else tuple(time_grid(process, flow, solver.num_steps).tolist())
-    return _bits_per_dim(_as_pytree(denoise), _as_pytree(prior), jnp.asarray(images),
-                         _per_image_keys(key, images.shape[0]), labels, flow=flow, grid=grid, solver=solver,
-                         divergence=divergence, probe=probe, num_probes=num_probes, num_levels=num_levels,
-                         bins=bins, dequantize=dequantize, dtype=jnp.dtype(dtype))
+    model, flow, grid = _prepare(model, process, solver, discretization)
+    return _bits_per_dim(model, _as_pytree(prior), jnp.asarray(images), _per_image_keys(key, images.shape[0]),
+                         labels, flow=flow, grid=grid, solver=solver, divergence=divergence, probe=probe,
+                         num_probes=num_probes, num_levels=num_levels, bins=bins, dequantize=dequantize,
+                         dtype=jnp.dtype(dtype))
+
+
+def bits_per_dim(denoise, images, key, *, process: samplers.Sampler = samplers.Sampler(), **kwargs) -> BitsPerDim:
+    """`bits_per_dim_of_model` in EDM's form (`log_likelihood`)."""
+    return bits_per_dim_of_model(denoise, images, key, process=sampler_process(process), discretization=process,
+                                 **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=('flow', 'grid', 'solver', 'divergence', 'probe', 'num_probes',
                                              'num_levels', 'bins', 'dequantize', 'dtype'))
-def _bits_per_dim(denoise, prior, images, keys, labels, *, flow, grid, solver, divergence, probe, num_probes,
+def _bits_per_dim(model, prior, images, keys, labels, *, flow, grid, solver, divergence, probe, num_probes,
                   num_levels, bins, dequantize, dtype):
     shape = images.shape[1:]
     if dequantize:
@@ -576,10 +648,8 @@ def _bits_per_dim(denoise, prior, images, keys, labels, *, flow, grid, solver, d
     else:
         u = jnp.full(images.shape, 0.5, dtype)
     x = dequantize_images(images, u, num_levels, bins)
-    probes = None
-    if divergence == 'hutchinson':
-        probes = jax.vmap(lambda k: hutchinson_probes(jax.random.fold_in(k, 1), shape, num_probes, probe, dtype))(keys)
-    result = _log_likelihood(denoise, prior, x, probes, labels, flow=flow, grid=grid, solver=solver,
+    probes = _probes(keys, shape, num_probes, probe, dtype) if divergence == 'hutchinson' else None
+    result = _log_likelihood(model, prior, x, probes, labels, flow=flow, grid=grid, solver=solver,
                              divergence=divergence)
     dim = int(np.prod(shape))
     bpd = -result.log_prob / (dim * math.log(2)) + bpd_offset(num_levels, bins)

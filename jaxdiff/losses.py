@@ -64,16 +64,41 @@ def ve_loss(denoise, images, key=None, labels=None, augment_labels=None, *, sigm
     return denoising_loss(denoise, images, sigma, noise, 1 / sigma ** 2, labels, augment_labels)
 
 
-def eps_loss(model, images, key=None, labels=None, *, process, t=None, noise=None):
-    """Noise-prediction loss on a process (DDPM; blurring diffusion, Hoogeboom & Salimans 2023, Sec. 4):
+TARGETS = ('eps', 'x0', 'v')
 
-        t ~ U(0, 1),  z_t = process.diffuse(x, t, eps),  loss = (model(z_t, t) - eps)^2   (per element)
 
-    `model(z, t, labels)` predicts eps (e.g. `precond.EpsModel`); `process` is a
-    `jaxdiff.processes` process. Bind it for the training step, which calls
-    `loss_fn(model, images, key, labels)`: `functools.partial(eps_loss, process=BlurringProcess())`.
-    `t` ([N] uniforms) and `noise` (unit normal, images' shape) may be passed instead of drawn.
+def draw_times(key, process, n, dtype=jnp.float32):
+    """Training times: uniform on [t_min, t_max]; for a Discrete (DDPM) schedule the step n ~ U{1..T}, t = n / T."""
+    schedule = process.schedule
+    if hasattr(schedule, 'T'):
+        return (jax.random.randint(key, (n,), 1, schedule.T + 1) / schedule.T).astype(dtype)
+    return process.t_min + (process.t_max - process.t_min) * jax.random.uniform(key, (n,), dtype)
+
+
+def diffusion_loss(model, images, key=None, labels=None, *, process, target: str = 'eps', t=None, noise=None):
+    """The denoising loss of a model on any process, per element (DDPM's L_simple for 'eps'):
+
+        t ~ `draw_times`,  z_t = process.diffuse(x, t, eps),  (x0_hat, eps_hat) = model(z_t, t),
+        'eps': (eps_hat - eps)^2,  'x0': (x0_hat - x)^2,
+        'v':   (v_hat - v)^2 with v = alpha eps - sigma x per basis coefficient (Salimans & Ho 2022).
+
+    The target is independent of the network's output type: a v-output network trained on
+    'eps' is fine. With `target='eps'` this is score-SDE's denoising score matching with
+    lambda(t) = sigma_t^2 (score = -eps / sigma), and Ho et al.'s L_simple. `t` ([N]) and `noise`
+    (unit normal, images' shape) may be passed instead of drawn.
     """
-    t, noise = _draws(key, images, t, noise, jax.random.uniform)
-    t = t.reshape(-1)
-    return jnp.square(model(process.diffuse(images, t, noise), t, labels) - noise)
+    if target not in TARGETS:
+        raise ValueError(f'loss.type must be one of {TARGETS}, got {target!r}')
+    if key is None and (t is None or noise is None):
+        raise ValueError('pass a key, or both t and noise')
+    key_t, key_noise = jax.random.split(key) if key is not None else (None, None)
+    t = draw_times(key_t, process, images.shape[0], images.dtype) if t is None else jnp.asarray(t, images.dtype).reshape(-1)
+    noise = jax.random.normal(key_noise, images.shape, images.dtype) if noise is None else noise
+    prediction = model(process.diffuse(images, t, noise), t, labels)
+    if target == 'eps':
+        return jnp.square(prediction.eps - noise)
+    if target == 'x0':
+        return jnp.square(prediction.x0 - images)
+    alpha, sigma = process.scale_sigma(t, images.shape, images.dtype)
+    basis = process.to_basis
+    return jnp.square(process.from_basis(alpha * basis(prediction.eps - noise) - sigma * basis(prediction.x0 - images)))

@@ -219,7 +219,7 @@ def denoiser_from_fn(fn: Callable, params: Any = None, precond: Precond = EDMPre
 
 # ---------------------------------------------------------------------------------------------
 # Noise (epsilon) prediction on a process z_t = V(alpha_t V^T x) + sigma_t eps, t in [0, 1]
-# (DDPM; blurring diffusion). Used by `losses.eps_loss` and `jaxdiff.process_samplers`.
+# (DDPM; blurring diffusion). Kept for training code written against it; the library's models are `jaxdiff.parameterize`.
 
 class EpsModel(flax.struct.PyTreeNode):
     """eps_hat = F(z_t; 1000 t): a network that predicts the unit noise of z_t from z_t itself.
@@ -255,38 +255,3 @@ def make_eps_model(module, params, *, train: bool = False, dropout_key=None) -> 
 def eps_model_from_fn(fn: Callable, params: Any = None, label_dim: int = 0) -> EpsModel:
     """EpsModel of a plain raw-network function `fn(params, z, noise_labels, class_labels, augment_labels)`."""
     return EpsModel(params=params, net=jax.tree_util.Partial(fn), label_dim=label_dim)
-
-
-class DenoiserEpsModel(flax.struct.PyTreeNode):
-    """An EDM-style denoiser D(x; sigma) as an eps model on a process with one scale per image:
-
-        x~ = z / alpha_t,  sigma~ = sigma_t / alpha_t,  eps_hat = (x~ - D(x~; sigma~)) / sigma~.
-
-    (z = alpha x + sigma eps is x~ = x + sigma~ eps, the variance-exploding form D is trained on.)
-    Build it with `eps_model_from_denoiser`.
-    """
-    denoise: Callable
-    process: Any = flax.struct.field(pytree_node=False)
-
-    def __call__(self, z, t, labels=None):
-        scale, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
-        scale = scale[:, :1, :1, :]  # A scalar-scale process may still broadcast it over H, W.
-        x, noise_level = z / scale, sigma / scale
-        return ((x - self.denoise(x, noise_level.reshape(-1), labels)) / noise_level).astype(z.dtype)
-
-
-def eps_model_from_denoiser(denoise: Callable, process) -> DenoiserEpsModel:
-    """`model(z, t, labels=None) -> eps_hat` from `denoise(x, sigma, labels)` (e.g. a `Denoiser`, or an
-    analytic one) on `process`, so EDM-trained denoisers run in `jaxdiff.process_samplers`.
-
-    Only for processes with one scale per image (`process.scalar_scale`): a denoiser trained on a
-    single noise level cannot serve a per-frequency one (blurring). The denoiser is called at
-    sigma~ = exp(-lambda_t / 2), so the process's logSNR range sets the noise levels it must
-    support (see `GaussianProcess`).
-    """
-    if not getattr(process, 'scalar_scale', False):
-        raise ValueError(f'eps_model_from_denoiser needs a process with one scale per image, got {process}')
-    leaves = jax.tree_util.tree_leaves(denoise)
-    if len(leaves) == 1 and leaves[0] is denoise:  # a plain function: make it a (static) pytree
-        denoise = jax.tree_util.Partial(denoise)
-    return DenoiserEpsModel(denoise=denoise, process=process)

@@ -195,7 +195,12 @@ class Discrete:
     def logsnr(self, t):
         xp = np if isinstance(t, (np.ndarray, np.generic, float, int)) else jnp
         n = np.arange(1, self.T + 1, dtype=np.float64)
-        return xp.interp(t * self.T, n, self.table)
+        # The tables in t's dtype: jnp.interp on float64 numpy tables failed to lower in a
+        # process that had compiled the same function with and without x64.
+        if xp is np:
+            return np.interp(t * self.T, n, self.table)
+        t = jnp.asarray(t)
+        return jnp.interp(t * self.T, jnp.asarray(n, t.dtype), jnp.asarray(self.table, t.dtype))
 
     def t_from_logsnr(self, logsnr):
         n = np.arange(1, self.T + 1, dtype=np.float64)

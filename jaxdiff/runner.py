@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxdiff import builders, checkpoint, data, generate, images, monitor, parallel, scoring, train, workdir as wd
+from jaxdiff import builders, checkpoint, methods, data, generate, images, monitor, parallel, scoring, train, workdir as wd
 from jaxdiff.monitor import log
 
 # Config fields that may differ from the checkpoint's: they do not change the training trajectory
@@ -61,8 +61,8 @@ class Run:
     info: data.DatasetInfo
     label_dim: int
     module: object
-    make_model: object   # builders.model_factory: (module, params, *, train, dropout_key) -> model
-    sampling: object     # builders.Sampling
+    make_model: object   # a method's model_factory: (module, params, *, train, dropout_key) -> model
+    sampling: object     # methods.Sampling
     mesh: object
 
     @property
@@ -91,11 +91,11 @@ def prepare(config, workdir) -> Run:
         if config.train[field] < 1:
             raise ValueError(f'train.{field} must be at least 1, got {config.train[field]}')
     _check_numbers(config)
-    builders.build_loss(config)
+    builders.check(config)
     scoring.check_config(config)
     _check_module_builds(module, info, label_dim)
     prior_images = None
-    if config.method == 'ihdm':  # IHDM samples from a prior fitted on (blurred) training images.
+    if methods.get(config).NEEDS_PRIOR_IMAGES:  # IHDM samples from a prior fitted on (blurred) training images.
         prior_images, _ = data.eval_images(config.data, min(info.num_examples, 50_000))
     return Run(config, workdir, info, label_dim, module, builders.model_factory(config),
                builders.build_sampling(config, prior_images), mesh)
@@ -106,10 +106,6 @@ def _check_numbers(config) -> None:
     as non-finite weights or samples: a ValueError naming the field."""
     train.check_config(config)
     train.check_number(config, 'train.sample_every_steps', low=0, integer=True)
-    if config.method == 'edm':
-        train.check_number(config, 'precond.sigma_data', low=0, low_open=True)
-        train.check_number(config, 'loss.P_mean')
-        train.check_number(config, 'loss.P_std', low=0, low_open=True)
     for field in ('sample.S_churn', 'sample.S_min', 'sample.S_noise'):
         train.check_number(config, field, low=0)
     train.check_number(config, 'sample.S_max', low=0, allow_inf=True)
@@ -461,7 +457,7 @@ def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = 
         seconds.append(time.perf_counter() - start)
         return blocks[seed]
 
-    denoise = run.make_model(run.module, params) if config.method == 'edm' else None
+    denoise = methods.get(config).likelihood_model(config, run.make_model, run.module, params)
     paths = _sample_paths(run, step, prefix)
     run_info = {'sampler': run.sampling.description, 'num_evals': run.sampling.num_evals}
     if (set(config.eval.metrics) & set(scoring.SAMPLE_METRICS) and config.eval.seed == config.sample.seed

@@ -153,6 +153,82 @@ def round_to_table(sigma, table):
 
 
 # ---------------------------------------------------------------------------------------------
+# Discrete DDPM: beta tables beta_1..beta_T (index n - 1 holds beta_n), alpha_bar_n = prod (1 - beta_j),
+# and the timesteps a respaced sampler visits. Host-side, float64.
+
+def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Ho et al. 2020, Sec. 4: beta_n evenly spaced from beta_start to beta_end, n = 1..T.
+
+    denoising-diffusion-pytorch multiplies beta_start and beta_end by 1000 / T (the same table at
+    T = 1000); this function does not, so pass the scaled ends to reproduce it at other T.
+    """
+    return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+
+
+def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal 2021, eq. (17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2),
+    beta_t = min(1 - alpha_bar(t) / alpha_bar(t - 1), max_beta), t = 1..T (the clip keeps beta_T < 1)."""
+    t = np.arange(T + 1, dtype=np.float64) / T
+    f = np.cos((t + s) / (1 + s) * (0.5 * np.pi)) ** 2
+    return np.minimum(1 - f[1:] / f[:-1], max_beta)
+
+
+def sigmoid_betas(T: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                  max_beta: float = 0.999) -> np.ndarray:
+    """Sigmoid schedule (Chen 2023, "On the importance of noise scheduling", Alg. 1; Jabri et al. 2022):
+
+        alpha_bar(t) = (v_end - sigmoid((t (end - start) + start) / tau)) / (v_end - v_start),
+        v_start = sigmoid(start / tau), v_end = sigmoid(end / tau),
+
+    at t = n/T, n = 0..T, and beta_n = 1 - alpha_bar(n/T) / alpha_bar((n-1)/T) clipped to [0, max_beta]
+    (alpha_bar(1) = 0, so beta_T is max_beta). Not diffusers' beta_schedule="sigmoid", which is GeoDiff's
+    curve betas = sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start.
+    """
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    v_start, v_end = sigmoid(start / tau), sigmoid(end / tau)
+    t = np.arange(T + 1, dtype=np.float64) / T
+    alpha_bar = (v_end - sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
+    return np.clip(1 - alpha_bar[1:] / alpha_bar[:-1], 0.0, max_beta)
+
+
+def alphas_cumprod(betas) -> np.ndarray:
+    """alpha_bar_n = prod_{j <= n} (1 - beta_j), in float64 (Ho et al. 2020, eq. (4))."""
+    return np.cumprod(1 - np.asarray(betas, dtype=np.float64))
+
+
+def ddpm_timesteps(T: int, num_steps: int, spacing: str = 'leading', steps_offset: int = 0) -> np.ndarray:
+    """The integer timesteps, largest first, in 0..T-1, that a DDPM/DDIM sampler with num_steps steps visits.
+
+    'leading', 'trailing', 'linspace': diffusers' `set_timesteps` (Lin et al. 2023, Table 2), op for op:
+      leading:  arange(num_steps) * (T // num_steps), reversed, + steps_offset;
+      trailing: round(arange(T, 0, -T / num_steps)) - 1 (numpy's float arange, whose entries can differ
+                from T - i T/num_steps by an ulp and so round the other way at halves; diffusers' array
+                sometimes has an extra last entry -1, e.g. T=1000, num_steps=61, which is dropped here);
+      linspace: round(linspace(0, T - 1, num_steps)), reversed.
+    'quad': the DDIM code (Song et al. 2021, App. D.2): int(linspace(0, sqrt(0.8 T), num_steps)^2),
+      reversed; it starts at int(0.8 T), not T - 1, and repeats small timesteps when num_steps is large.
+    np.round rounds halves to even, as diffusers does. steps_offset applies to 'leading' only (as in
+    diffusers); unlike diffusers, an offset that lifts a timestep past T - 1 is an error.
+    """
+    if not 1 <= num_steps <= T:
+        raise ValueError(f'num_steps must be in [1, T={T}], got {num_steps}')
+    if spacing == 'leading':
+        steps = np.arange(num_steps)[::-1] * (T // num_steps) + steps_offset
+    elif spacing == 'trailing':
+        steps = np.round(np.arange(T, 0, -T / num_steps))[:num_steps] - 1
+    elif spacing == 'linspace':
+        steps = np.round(np.linspace(0, T - 1, num_steps))[::-1]
+    elif spacing == 'quad':
+        steps = np.floor(np.linspace(0, np.sqrt(T * 0.8), num_steps) ** 2)[::-1]
+    else:
+        raise ValueError(f"spacing must be 'leading', 'trailing', 'linspace' or 'quad', got {spacing!r}")
+    steps = steps.astype(np.int64)
+    if steps.min() < 0 or steps.max() > T - 1:
+        raise ValueError(f'steps_offset={steps_offset} puts timesteps outside [0, {T - 1}]: {steps.max()}')
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------
 # Linear (EDM) schedule: sigma(t) = t.
 
 def linear_sigma(t):
@@ -215,6 +291,72 @@ def logsnr_cosine_inv(logsnr, logsnr_min: float = -10.0, logsnr_max: float = 10.
     return (xp.arctan(xp.exp(-0.5 * logsnr)) - t0) / (t1 - t0)
 
 
+def _logsnr_shift(image_d: int, noise_d: int) -> float:
+    """2 log(noise_d / image_d), as a Python float so that it keeps float32 inputs float32."""
+    return 2 * float(np.log(noise_d / image_d))
+
+
+def logsnr_cosine_shifted(t, image_d: int, noise_d: int = 64, logsnr_min: float = -15.0,
+                          logsnr_max: float = 15.0):
+    """Shifted cosine logSNR (simple diffusion, Hoogeboom, Heek & Salimans 2023, Sec. 3.1, eq. (5)):
+
+        lambda_shift(t) = lambda_cos(t) + 2 log(noise_d / image_d),
+
+    the schedule whose per-pixel SNR at image side image_d matches the cosine schedule's at noise_d.
+    lambda_cos is clipped to [logsnr_min, logsnr_max] before the shift, as in the paper's pseudo-code
+    (and denoising-diffusion-pytorch), so the result spans [logsnr_min + shift, logsnr_max + shift].
+    """
+    return logsnr_cosine(t, logsnr_min, logsnr_max) + _logsnr_shift(image_d, noise_d)
+
+
+def logsnr_cosine_shifted_inv(logsnr, image_d: int, noise_d: int = 64, logsnr_min: float = -15.0,
+                              logsnr_max: float = 15.0):
+    """t(lambda) = logsnr_cosine_inv(lambda - 2 log(noise_d / image_d)), the inverse of `logsnr_cosine_shifted`."""
+    return logsnr_cosine_inv(logsnr - _logsnr_shift(image_d, noise_d), logsnr_min, logsnr_max)
+
+
+def logsnr_cosine_interpolated(t, image_d: int, low_d: int = 32, high_d: int = 256, logsnr_min: float = -15.0,
+                               logsnr_max: float = 15.0):
+    """Interpolated cosine logSNR (simple diffusion, Sec. 3.1, eq. (6), there for 512 x 512 with 32 -> 256):
+
+        lambda(t) = t lambda_shift high_d(t) + (1 - t) lambda_shift low_d(t),
+
+    so lambda(0) = lambda_shift low_d(0) and lambda(1) = lambda_shift high_d(1). As both are the clipped
+    cosine plus a constant, lambda(t) = lambda_shift low_d(t) + 2 t log(high_d / low_d): with low_d < high_d
+    it lies between the two, on the noisier shift-low_d schedule at t = 0 and on shift-high_d at t = 1.
+    denoising-diffusion-pytorch's logsnr_schedule_interpolated swaps the weights (t on the low_d
+    schedule); k-diffusion's rand_cosine_interpolated weights as here.
+    """
+    low = logsnr_cosine_shifted(t, image_d, low_d, logsnr_min, logsnr_max)
+    high = logsnr_cosine_shifted(t, image_d, high_d, logsnr_min, logsnr_max)
+    return t * high + (1 - t) * low
+
+
+def logsnr_cosine_interpolated_inv(logsnr, image_d: int, low_d: int = 32, high_d: int = 256,
+                                   logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> np.ndarray:
+    """t(lambda) for `logsnr_cosine_interpolated`, host-side by vectorised bisection in float64.
+
+    There is no closed form. lambda(t) decreases strictly when 2 log(high_d / low_d) < 4 (t1 - t0), since
+    |d lambda_cos / dt| = 4 (t1 - t0) / sin(2 (t0 + t (t1 - t0))) >= 4 (t1 - t0) (about 2 pi for
+    the default range; 32 -> 256 adds 2 log 8 = 4.2); otherwise this raises. 64 halvings of [0, 1] leave
+    a bracket of 2^-64, below float64 resolution, so t is exact up to the rounding of lambda itself
+    (about 1e-15). A lambda outside [lambda(1), lambda(0)] raises.
+    """
+    t0, t1 = _logsnr_cosine_limits(logsnr_min, logsnr_max)
+    if 2 * np.log(high_d / low_d) >= 4 * (t1 - t0):
+        raise ValueError(f'logsnr_cosine_interpolated is not monotone for low_d={low_d}, high_d={high_d}')
+    logsnr = np.asarray(logsnr, dtype=np.float64)
+    fn = lambda t: logsnr_cosine_interpolated(t, image_d, low_d, high_d, logsnr_min, logsnr_max)
+    if np.any(logsnr > fn(np.float64(0))) or np.any(logsnr < fn(np.float64(1))):
+        raise ValueError(f'logsnr outside [{fn(np.float64(1))}, {fn(np.float64(0))}]')
+    lo, hi = np.zeros_like(logsnr), np.ones_like(logsnr)
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        above = fn(mid) > logsnr  # lambda decreases: the root lies right of mid
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
 def alpha_sigma_from_logsnr(logsnr):
     """(alpha, sigma) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda))).
 
@@ -224,6 +366,13 @@ def alpha_sigma_from_logsnr(logsnr):
     """
     xp = _np(logsnr)
     return xp.exp(-0.5 * xp.logaddexp(0.0, -logsnr)), xp.exp(-0.5 * xp.logaddexp(0.0, logsnr))
+
+
+def logsnr_from_alphas_cumprod(alpha_bar):
+    """lambda = log(alpha_bar / (1 - alpha_bar)) = log(alpha_bar) - log1p(-alpha_bar): the logSNR of a DDPM
+    step (alpha^2 = alpha_bar); log1p keeps alpha_bar near 1 accurate."""
+    xp = _np(alpha_bar)
+    return xp.log(alpha_bar) - xp.log1p(-alpha_bar)
 
 
 # ---------------------------------------------------------------------------------------------

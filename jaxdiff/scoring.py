@@ -418,11 +418,10 @@ def bpd_process(config):
     the likelihood module's defaults (EDM [0.002, 80], score-SDE's VP and VE); a ValueError naming
     eval.metrics for any other preconditioning, or a method whose model is not a denoiser."""
     from jaxdiff import likelihood
-    method = config.get('method', 'edm')
-    if method != 'edm':
+    if 'precond' not in config:
         raise ValueError(f"eval.metrics: 'bpd' integrates the probability-flow ODE of a denoiser "
                          f"D(x, sigma) (method 'edm' with precond.type in {BPD_PROCESSES}); method "
-                         f"{method!r} has none in jaxdiff.likelihood (drop 'bpd' from eval.metrics)")
+                         f"{config.get('method')!r} has none in jaxdiff.likelihood yet (drop 'bpd' from eval.metrics)")
     processes = {'edm': likelihood.edm_process, 'vp': likelihood.vp_process, 've': likelihood.ve_process}
     kind = config.precond.type
     if kind not in processes:

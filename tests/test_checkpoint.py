@@ -203,7 +203,9 @@ def test_all_corrupt_raises_listing_every_step_and_renames_nothing(tmp_path):
     corrupt(tmp_path / '1', 'truncate')
     corrupt(tmp_path / '2', 'garble')
     for _ in range(2):  # a second restart must not start from scratch either
-        with pytest.raises(CheckpointError, match=r'step 2: .*checksum.*step 1: ') as e:
+        # The garbled chunk fails tensorstore's checksum or, read in another order, zstd's own
+        # frame check ("Data corruption detected"): both name the damage (seen in loaded runs).
+        with pytest.raises(CheckpointError, match=r'step 2: .*(checksum|Data corruption).*step 1: ') as e:
             Checkpointer(tmp_path).restore_latest(abstract_of(make_state(0)))
         # One line, with tensorstore's own error rather than orbax's wrapper and its page-long spec.
         assert '\n' not in str(e.value) and 'TensorStore details' not in str(e.value)

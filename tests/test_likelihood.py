@@ -1,6 +1,7 @@
 """Likelihoods through the probability-flow ODE, checked against independent references:
 closed-form Gaussian densities, explicit Jacobians and finite differences, the exact solution of a
-linear ODE, and the change of variables for bits/dim done by hand."""
+linear ODE, the change of variables for bits/dim done by hand, score-SDE's drift and diffusion
+coefficients, and the EDM form against the general (process, model) form."""
 import dataclasses
 import functools
 import math
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+import gaussian_data
 from jaxdiff.samplers import driver
 from jaxdiff import likelihood as L
-from jaxdiff import precond, samplers
+from jaxdiff import precond, processes, samplers, schedules
+from jaxdiff.samplers import grids
 from jaxdiff.analytic import GaussianDenoiser
 
 SHAPE = (4, 4, 2)  # 32-dimensional "images"
@@ -60,32 +63,61 @@ def gaussian_setup(name, dtype, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# The ODE is the samplers' ODE.
+# The ODE is the samplers' ODE, and EDM's.
+
+def edm_form(sampler, t):
+    """EDM's (sigma, s, a, b) at EDM time t of a preset, dx/dt = a x - b D(x/s; sigma) with
+    a = sigma'/sigma + s'/s, b = sigma' s/sigma (EDM eq. 4, Table 1), from the schedules' closed forms;
+    and t(sigma). Works on numpy and traced t."""
+    if sampler.schedule == 'vp':
+        bd, bm = schedules.vp_betas_for_range(*grids.default_sigma_range(sampler), sampler.epsilon_s)
+        sigma, dsigma = schedules.vp_sigma(t, bd, bm), schedules.vp_sigma_deriv(t, bd, bm)
+        s = schedules.vp_scale(sigma)
+        return sigma, s, dsigma / sigma - sigma * dsigma * s ** 2, dsigma * s / sigma  # s'/s = -sigma sigma' s^2
+    sigma, dsigma = (schedules.ve_sigma(t), schedules.ve_sigma_deriv(t)) if sampler.schedule == 've' else (t, 1.0)
+    return sigma, 1.0, dsigma / sigma, dsigma / sigma
+
+
+def edm_time(sampler, sigma):
+    if sampler.schedule == 'vp':
+        return schedules.vp_sigma_inv(sigma, *schedules.vp_betas_for_range(*grids.default_sigma_range(sampler),
+                                                                           sampler.epsilon_s))
+    return schedules.ve_sigma_inv(sigma) if sampler.schedule == 've' else sigma
+
 
 @pytest.mark.parametrize('name', PROCESSES)
 def test_pf_ode_coefficients_are_the_samplers(name):
-    """sigma, s, a = sigma'/sigma + s'/s and b = sigma' s/sigma equal the generalised sampler's
-    step table at its own times (float64 host; VP's expm1 form differs from exp - 1 by ~1e-10
-    relative at t = 1e-5)."""
-    process = dataclasses.replace(PROCESSES[name], num_steps=12)
-    model, edm_process = samplers.bind(lambda x, sigma, labels=None, augment_labels=None: x)
-    table, _, _ = driver.build_table(process, model, edm_process, (1, 2, 2, 1))
-    sigma_hat = table.at_hat.sigma.reshape(-1)  # EDM's process: alpha = 1
-    flow = L.probability_flow(process)
-    sigma, s, a, b = flow.coefficients(flow.sigma_inv(sigma_hat), np)
-    for ours, theirs in ((sigma, sigma_hat), (s, table.s_hat), (a, table.a_hat), (b, table.b_hat)):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-8)
-    assert flow.t_min < flow.t_max
-    assert math.isclose(flow.sigma_and_deriv(np.float64(flow.t_min), np)[0], process.sigma_min, rel_tol=1e-9)
-    assert math.isclose(flow.sigma_and_deriv(np.float64(flow.t_max), np)[0], process.sigma_max, rel_tol=1e-9)
+    """The ODE of the EDM form's process (`sampler_process`) in tau = log sigma is EDM's ODE of the
+    generalised sampler's step table: with D = x/s - sigma eps_hat and d tau/dt = sigma'/sigma = b/s,
+    dx/dtau = (a s/b - 1) x + s sigma eps_hat, so f = a s/b - 1 and c = s sigma at the table's own
+    times (float64; EDM's VP time is the process's, VE's sqrt(t) is not: tau makes them comparable).
+    rtol 1e-8: VP's expm1 form differs from exp - 1 by ~1e-10 relative at t = 1e-5."""
+    sampler = dataclasses.replace(PROCESSES[name], num_steps=12)
+    identity = lambda x, sigma, labels=None, augment_labels=None: x
+    process = L.sampler_process(sampler)
+    model, _ = samplers.bind(identity, process)
+    table, _, _ = driver.build_table(sampler, model, process, (1, 2, 2, 1))
+    with jax.enable_x64(True):
+        _, flow = L.model_flow(identity, process, time='log_sigma')
+        tau = np.log(table.at_hat.sigma / table.at_hat.alpha).reshape(-1)
+        coefficients = jax.jit(jax.vmap(lambda tau: flow.coefficients(tau, (1, 1, 1, 1), jnp.float64)))
+        t, _, _, f, c = (np.asarray(a).reshape(-1) for a in coefficients(jnp.asarray(tau)))
+    np.testing.assert_allclose(t, table.at_hat.t, rtol=1e-9)  # Newton's t(tau) against the host inverse
+    np.testing.assert_allclose(f, table.a_hat * table.s_hat / table.b_hat - 1, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(c, table.s_hat * np.exp(tau), rtol=1e-8)  # s sigma, sigma = e^tau
+    lo, hi = grids.dc_noise_level(process, np.array(flow.times))
+    assert lo == pytest.approx(sampler.sigma_min, rel=1e-9) and hi == pytest.approx(sampler.sigma_max, rel=1e-9)
 
 
 def test_prior_std_is_s_sigma_at_t_max():
-    """EDM and VE: sigma_max; VP: s(1) sigma(1) = sqrt(1 - exp(-beta_d/2 - beta_min)) ~ 1."""
-    assert L.probability_flow(PROCESSES['edm']).prior_std == pytest.approx(80.0, rel=1e-12)
-    assert L.probability_flow(PROCESSES['ve']).prior_std == pytest.approx(50.0, rel=1e-12)
-    assert L.probability_flow(PROCESSES['vp']).prior_std == pytest.approx(math.sqrt(-math.expm1(-19.9 / 2 - 0.1)),
-                                                                         rel=1e-9)
+    """EDM and VE: sigma_max; VP: s(1) sigma(1) = sqrt(1 - exp(-beta_d/2 - beta_min)) ~ 1; and
+    `sampler_process(vp_process())` is processes.VP(0.1, 20, t_min=1e-5) (the fitted betas)."""
+    std = lambda name: L.model_flow(lambda x, sigma, labels=None: x, L.sampler_process(PROCESSES[name]))[1].prior_std
+    assert std('edm') == pytest.approx(80.0, rel=1e-12)
+    assert std('ve') == pytest.approx(50.0, rel=1e-12)
+    assert std('vp') == pytest.approx(math.sqrt(-math.expm1(-19.9 / 2 - 0.1)), rel=1e-9)
+    vp = L.sampler_process(PROCESSES['vp']).schedule
+    assert (vp.beta_min, vp.beta_max, vp.t_min, vp.t_max) == pytest.approx((0.1, 20.0, 1e-5, 1.0), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,29 +213,36 @@ def finite_difference_trace(fn, x, eps=1e-6):
 
 @pytest.mark.parametrize('name', PROCESSES)
 def test_exact_divergence_is_the_jacobian_trace(name):
-    """float64. Gaussian data: f = a x - b D(x/s), D linear with eigenvalues v/(v + sigma^2), so
-    tr(df/dx) = D a - (b/s) sum v/(v + sigma^2) in closed form; a nonlinear MLP denoiser: central
-    finite differences. Both to 1e-7 relative, at three times spread over [t_min, t_max]."""
+    """float64. Gaussian data: dz/dt = f z + c eps_hat with eps_hat = (z/alpha - D(z/alpha))/sigma~,
+    D linear with eigenvalues v/(v + sigma~^2), so tr = D f + (c sigma~/alpha) sum 1/(v + sigma~^2)
+    in closed form; a nonlinear MLP denoiser: central finite differences. Both to 1e-7 relative, at
+    three times spread over [t_min, t_max]."""
     with jax.enable_x64(True):
-        process, mean, var, denoise, x, _ = gaussian_setup(name, 'float64')
-        mlp = mlp_denoiser(jnp.float64)
-        flow = L.probability_flow(process)
+        sampler, mean, var, denoise, x, _ = gaussian_setup(name, 'float64')
+        process = L.sampler_process(sampler)
+        gaussian, _ = samplers.bind(denoise, process)
+        mlp, _ = samplers.bind(mlp_denoiser(jnp.float64), process)
+        _, flow = L.model_flow(gaussian, time='process')
+        field = lambda model, t, z: flow.vector_field(model, t, z.shape, z.dtype)(z)
 
         @jax.jit
         def divergences(t, x):
-            one = lambda denoise: lambda y: L.drift(flow, denoise, t, y[None])[0]
-            return L.divergence_exact(one(denoise), x), L.divergence_exact(one(mlp), x)[1]
+            one = lambda model: lambda y: field(model, t, y[None])[0]
+            return L.divergence_exact(one(gaussian), x), L.divergence_exact(one(mlp), x)[1]
 
-        batch_drift = jax.jit(lambda t, x: L.drift(flow, mlp, t, x))
-        times = (0.01, 0.3, 0.9) if name == 'vp' else np.geomspace(flow.t_min, flow.t_max, 5)[1:4]
+        batch_field = jax.jit(lambda t, z: field(mlp, t, z))
+        lo, hi = flow.times
+        times = np.geomspace(lo, hi, 5)[1:4] if name == 'edm' else lo + (hi - lo) * np.array([0.01, 0.3, 0.9])
         for t in times:
-            sigma, s, a, b = flow.coefficients(np.float64(t), np)
+            _, alpha, sigma, f, c = (float(np.asarray(a).reshape(-1)[0]) for a in
+                                     flow.coefficients(t, (1, *SHAPE), jnp.float64))
+            level = sigma / alpha
             (fx, div), div_mlp = divergences(t, jnp.asarray(x[0]))
-            closed_form = DIM * a - b / s * np.sum(var / (var + sigma ** 2))
+            closed_form = DIM * f + c * level / alpha * np.sum(1 / (var + level ** 2))
             np.testing.assert_allclose(float(div), closed_form, rtol=1e-7)
-            direct = np.asarray(L.drift(flow, denoise, t, jnp.asarray(x[:1]))[0])
+            direct = np.asarray(field(gaussian, t, jnp.asarray(x[:1]))[0])
             np.testing.assert_allclose(fx, direct, rtol=0, atol=1e-12 * np.abs(direct).max())
-            fd = finite_difference_trace(functools.partial(batch_drift, t), x[0])
+            fd = finite_difference_trace(functools.partial(batch_field, t), x[0])
             np.testing.assert_allclose(float(div_mlp), fd, rtol=1e-7)
 
 
@@ -214,13 +253,12 @@ def test_hutchinson_estimate_is_unbiased_with_the_predicted_variance(probe):
     2 (|A_s|_F^2 - sum A_ii^2) for Rademacher, 2 |A_s|_F^2 for Gaussian (A_s = (A + A^T)/2)."""
     num = 20000
     with jax.enable_x64(True):
-        flow = L.probability_flow(PROCESSES['edm'])
-        mlp = mlp_denoiser(jnp.float64)
+        mlp, flow = L.model_flow(mlp_denoiser(jnp.float64), time='process')  # EDM on [0.002, 80]
         x = jnp.asarray(data_points(*diag_gaussian())[0])
 
         @jax.jit
         def estimates(x, key):
-            fn = lambda y: L.drift(flow, mlp, 0.7, y[None])[0]
+            fn = lambda y: flow.vector_field(mlp, 0.7, (1, *SHAPE), jnp.float64)(y[None])[0]
             probes = L.hutchinson_probes(key, SHAPE, num, probe, jnp.float64)
             single = jax.vmap(lambda e: L.divergence_hutchinson(fn, x, e[None])[1])(probes)
             return jax.jacfwd(fn)(x), single, L.divergence_hutchinson(fn, x, probes)[1]
@@ -400,6 +438,229 @@ def test_bad_arguments_name_the_field():
         L.bits_per_dim(denoise, x, jax.random.key(0))
     with pytest.raises(ValueError, match='bins'):
         L.bits_per_dim(denoise, jnp.zeros((1, *SHAPE), jnp.uint8), jax.random.key(0), bins='floor')
+
+
+# ---------------------------------------------------------------------------------------------
+# The general form: any process of jaxdiff.processes and a jaxdiff.parameterize model.
+
+MODEL_PROCESSES = {**gaussian_data.PROCESSES, 'ddpm': processes.GaussianProcess(processes.Discrete('linear', 1000))}
+OUTPUTS = {'cosine': 'v', 'vp': 'eps', 've': 'x0', 'edm': 'edm', 'ddpm': 'eps', 'blurring': 'eps'}
+
+
+def model_marginal(process, t, m, v):
+    """Mean and std, in the basis, of the marginal at process time t of data with independent
+    basis coefficients N(m, v): N(alpha_t m, alpha_t^2 v + sigma_t^2) per coefficient."""
+    alpha, sigma = (np.asarray(a, np.float64)[0] for a in process.scale_sigma(np.float64(t), (1, *SHAPE)))
+    return alpha * m, np.sqrt(alpha ** 2 * v + sigma ** 2)
+
+
+def basis_log_prob(process, z, mean, std):
+    return L.gaussian_log_prob(process.to_basis(z), mean, std)
+
+
+def exact_model_prior(process, t, m, v, dtype):
+    """The marginal at t as a prior (V orthonormal: the density of z is that of V^T z)."""
+    mean, std = model_marginal(process, t, m, v)
+    return jax.tree_util.Partial(functools.partial(basis_log_prob, process), mean=jnp.asarray(mean, dtype),
+                                 std=jnp.asarray(std, dtype))
+
+
+def model_setup(name, dtype, m=None, v=None):
+    """Ideal model of 32-d Gaussian data with independent basis coefficients N(m, v), v in
+    [0.05, 1] (gaussian_data.moments), 4 points, and the closed-form log-density of the process's
+    marginal at t_min at those points."""
+    process = MODEL_PROCESSES[name]
+    if m is None:
+        m, v = gaussian_data.moments(SHAPE)
+    model = gaussian_data.ideal_model(process, OUTPUTS[name], m, v)
+    u = m + np.random.default_rng(1).normal(size=(4, *SHAPE)) * np.sqrt(v)
+    x = np.asarray(process.from_basis(jnp.asarray(u)), np.float64)
+    _, flow = L.model_flow(model)
+    reference = normal_log_density(u, *model_marginal(process, flow.times[0], m, v))
+    return process, m, v, model, x, reference, flow
+
+
+def schedule_closed_forms(process, t):
+    """(f, c) of the PF-ODE du/dt = f u + c eps_hat from the schedules' formulas, without
+    derivatives of scale_sigma: score-SDE's SDE dx = f x dt + g dw (Song et al. 2021, eqs. 31-33)
+    with c = g^2 / (2 sigma); DDPM's lambda' = T (lambda_{n+1} - lambda_n) on [n/T, (n+1)/T); the
+    cosine alpha = cos(theta), sigma = sin(theta), theta = t0 + t (t1 - t0); blurring adds
+    d log d_t / dt per frequency."""
+    schedule = process.schedule
+    _, sigma = (np.asarray(a, np.float64)[0] for a in process.scale_sigma(np.float64(t), (1, *SHAPE)))
+    if isinstance(schedule, processes.VP):
+        beta = schedule.beta_min + t * (schedule.beta_max - schedule.beta_min)
+        return -beta / 2, beta / (2 * sigma)
+    if isinstance(schedule, processes.VE):
+        log_ratio = math.log(schedule.sigma_max / schedule.sigma_min)
+        return 0.0, sigma * log_ratio  # g^2 = d sigma^2 / dt = 2 sigma^2 log(sigma_max / sigma_min)
+    if isinstance(schedule, processes.EDM):
+        return 0.0, 1.0
+    if isinstance(schedule, processes.Discrete):
+        n = min(int(np.floor(t * schedule.T + 1e-9)), schedule.T - 1)  # table index n - 1 holds lambda_n
+        dlogsnr = schedule.T * (schedule.table[n] - schedule.table[n - 1])
+        return sigma ** 2 / 2 * dlogsnr, -sigma / 2 * dlogsnr
+    t0, t1 = (float(np.arctan(np.exp(-0.5 * lim))) for lim in (schedule.logsnr_max, schedule.logsnr_min))
+    theta = t0 + t * (t1 - t0)
+    f, c = -np.tan(theta) * (t1 - t0), (t1 - t0) / np.cos(theta)
+    if isinstance(process, processes.BlurringProcess):
+        lam = schedules.dct_frequencies(SHAPE[0], SHAPE[1])[..., None]
+        blur = process.sigma_blur_max * np.sin(np.pi * t / 2) ** 2
+        d = schedules.blur_dissipation(np.float64(t), lam, process.sigma_blur_max, process.min_scale)
+        dlog_d = -(1 - process.min_scale) * np.exp(-lam * blur ** 2 / 2) * lam * blur * (
+            process.sigma_blur_max * np.pi / 2 * np.sin(np.pi * t)) / d
+        f = f + dlog_d
+        c = np.cos(theta) * (t1 - t0) - sigma * f  # sigma' - sigma f
+    return f, c
+
+
+@pytest.mark.parametrize('name', MODEL_PROCESSES)
+def test_model_flow_coefficients_are_score_sdes(name):
+    """float64: f = d log alpha/dt and c = sigma d log(sigma/alpha)/dt from jax.jvp of
+    process.scale_sigma equal the schedules' closed forms (score-SDE's f and g^2 = 2 sigma c for
+    VP and VE) to 1e-10 relative at five times; in log_sigma time both are divided by
+    d log(sigma/alpha)/dt and the Newton inverse t(tau) recovers t to 1e-12 relative (1e-15 near
+    t = 0; Discrete included, whose Newton start is not on its knots)."""
+    process = MODEL_PROCESSES[name]
+    with jax.enable_x64(True):
+        model = gaussian_data.ideal_model(process, 'eps', *gaussian_data.moments(SHAPE))
+        _, flow = L.model_flow(model, time='process')
+        _, log_flow = L.model_flow(model, time='log_sigma')
+        lo, hi = flow.times
+        coefficients = jax.jit(lambda flow, tau: flow.coefficients(tau, (1, *SHAPE), jnp.float64), static_argnums=0)
+        for t in lo + (hi - lo) * np.array([0.0, 0.0123, 0.31, 0.77, 1.0]):
+            _, _, _, f, c = (np.asarray(a) for a in coefficients(flow, t))
+            f_ref, c_ref = schedule_closed_forms(process, t)
+            np.testing.assert_allclose(f, np.broadcast_to(f_ref, f.shape), rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(c, np.broadcast_to(c_ref, c.shape), rtol=1e-10)
+            alpha, sigma = process.schedule.alpha_sigma(np.float64(t))
+            tau = math.log(sigma / alpha)
+            t_log, _, _, f_log, c_log = (np.asarray(a) for a in coefficients(log_flow, tau))
+            assert abs(float(t_log) - t) <= 1e-12 * max(t, 1e-3), (t_log, t)
+            dtau = np.asarray(c_ref).reshape(-1)[0] / sigma  # the DC coefficient's d log(sigma/alpha)/dt
+            np.testing.assert_allclose(f_log, np.broadcast_to(f_ref, f.shape) / dtau, rtol=1e-9, atol=1e-14)
+            np.testing.assert_allclose(c_log, np.broadcast_to(c_ref, c.shape) / dtau, rtol=1e-9)
+
+
+def test_model_flow_prior_is_sigma_at_t_max():
+    """The default prior N(0, sigma_{t_max}^2 I): VE 50, EDM 80; for VP schedules
+    sqrt(1 - alpha_{t_max}^2), ~1 - 2e-5 (alpha^2 = e^-10.05, sigmoid(-10), prod(1 - beta))."""
+    stds = {name: L.model_flow(gaussian_data.ideal_model(p, 'eps', *gaussian_data.moments(SHAPE)))[1].prior_std
+            for name, p in MODEL_PROCESSES.items()}
+    alpha_bar_T = np.prod(1 - np.linspace(1e-4, 0.02, 1000))
+    expected = {'ve': 50.0, 'edm': 80.0, 'vp': math.sqrt(-math.expm1(-(0.1 + 19.9 / 2))),
+                'cosine': math.sqrt(1 / (1 + math.exp(-10))), 'blurring': math.sqrt(1 / (1 + math.exp(-10))),
+                'ddpm': math.sqrt(1 - alpha_bar_T)}
+    for name, std in stds.items():
+        assert std == pytest.approx(expected[name], rel=1e-12), name
+
+
+def model_cases():
+    for name in MODEL_PROCESSES:
+        yield pytest.param(name, 'float64', id=f'{name}-float64')
+    for name in ('ddpm', 've'):
+        yield pytest.param(name, 'float32', id=f'{name}-float32')
+
+
+@pytest.mark.parametrize('name,dtype', list(model_cases()))
+def test_model_log_likelihood_of_gaussian_data_is_the_analytic_density(name, dtype):
+    """As the EDM-form tests above, for every process of jaxdiff.processes (the ideal model in a
+    different output type on each; blurring's data independent per DCT coefficient), exact
+    divergence. The ODE's log p equals the closed-form density of the marginal at t_min,
+    N(alpha m, alpha^2 v + sigma^2) per coefficient, plus the default prior's closed-form error:
+    it is N(0, sigma_{t_max}^2 I) (checked at the latents z to 1e-12 relative), not the marginal
+    N(alpha m, alpha^2 v + sigma^2) at t_max, so log p is off by the difference of the two
+    log-densities at z (~1e-2 nats here: alpha_{t_max}^2 ~ 5e-5 for the VP schedules, the variance
+    term for VE and EDM). Tolerances as there (log p ~ -28): float64 with rtol = atol = 1e-9:
+    1e-5 nats (measured 5e-7 on EDM, <= 3e-8 on the others); float32 with the default 1e-5:
+    3e-3 nats (measured <= 4e-4; |Delta| up to ~170 nats times rtol, plus float32 round-off of
+    the state). DDPM integrates in log(sigma/alpha) ('auto').
+
+    DDPM in float32 runs with x64 enabled (a float32 state; Discrete's lambda(t) in float64): under
+    JAX 0.10.2, Discrete.logsnr's jnp.interp on its cached numpy table, jit-compiled inside this
+    ODE in both x64 modes in one process, fails to lower (a stale float32 constant); passing
+    xp.asarray(self.table) there would fix it."""
+    with jax.enable_x64(dtype == 'float64' or name == 'ddpm'):
+        process, m, v, model, x, reference, flow = model_setup(name, dtype)
+        solver = L.ODESolver(rtol=1e-9, atol=1e-9) if dtype == 'float64' else L.ODESolver()
+        result = L.log_likelihood_of_model(model, jnp.asarray(x, dtype), solver=solver, divergence='exact')
+        assert result.log_prob.dtype == dtype and bool(result.success.all())
+        z = np.asarray(process.to_basis(result.latents), np.float64)
+    prior = normal_log_density(z, 0.0, flow.prior_std)
+    np.testing.assert_allclose(np.asarray(result.prior_log_prob, np.float64), prior,
+                               rtol=1e-12 if dtype == 'float64' else 1e-6)
+    mismatch = prior - normal_log_density(z, *model_marginal(process, flow.times[1], m, v))
+    error = np.abs(np.asarray(result.log_prob, np.float64) - (reference + mismatch)).max()
+    print(f'{name} {dtype}: error {error:.2e} nats, prior error {np.abs(mismatch).max():.2e}, '
+          f'nfe {np.asarray(result.nfe).max()}')
+    assert flow.time == ('log_sigma' if name == 'ddpm' else 'process')
+    assert error < (1e-5 if dtype == 'float64' else 3e-3), error
+    assert np.abs(mismatch).max() < 0.05
+
+
+@pytest.mark.parametrize('name', ['ddpm', 've'])
+def test_model_bits_per_dim_of_gaussian_data_is_the_analytic_density(name):
+    """bits/dim of 8-bit images of N(m, diag v) data (v in [0.01, 0.1]) through a DDPM and a VE
+    model's PF-ODE: image n's dequantised x = (k + u - 1/2)/127.5 - 1 with u drawn from
+    fold_in(key_n, 0), as documented, and bpd = -log p(x)/(D ln 2) + log2(127.5) with p the
+    marginal at t_min in closed form. float64, rtol 1e-9, exact prior: 1e-5 nats is 5e-7 bits/dim;
+    asserted 1e-6."""
+    images, mean, var = uint8_gaussian_images()
+    with jax.enable_x64(True):
+        process, m, v, model, _, _, flow = model_setup(name, 'float64', mean, var)
+        keys = jax.random.split(jax.random.key(1), len(images))
+        result = L.bits_per_dim_of_model(model, jnp.asarray(images), keys, divergence='exact',
+                                         solver=L.ODESolver(rtol=1e-9, atol=1e-9), dtype=jnp.float64,
+                                         prior=exact_model_prior(process, flow.times[1], mean, var, jnp.float64))
+        u = np.stack([np.asarray(jax.random.uniform(jax.random.fold_in(k, 0), SHAPE, jnp.float64)) for k in keys])
+    x = (images + u - 0.5) / 127.5 - 1
+    expected = -normal_log_density(x, *model_marginal(process, flow.times[0], mean, var)) / (DIM * math.log(2))
+    expected += math.log2(127.5)
+    assert bool(result.success.all())
+    print(f'{name}: bpd {np.asarray(result.bpd)}, error {np.abs(np.asarray(result.bpd) - expected).max():.2e}')
+    np.testing.assert_allclose(np.asarray(result.bpd), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['edm', 've'])
+def test_edm_form_is_edms_closed_form_ode_on_an_edm_denoiser(name):
+    """The nonlinear MLP denoiser through `log_likelihood` (the EDM form, run as the general ODE
+    of `sampler_process`, derivatives by jax.jvp of scale_sigma) against EDM's ODE written out
+    here in its own time with closed-form a, b, s (`edm_form`) and solved by the same dopri5, float64,
+    exact divergence, prior N(0, (s sigma)^2 I), rtol 1e-9: agreement to 1e-6 nats (solver
+    tolerance; measured: EDM, the same ODE in the same time, ~1e-13 (VP too: 7e-13); VE, EDM's
+    sqrt(t) against score-SDE's geometric time, 5e-8, with 578 evaluations against 944). The
+    general form of the same DenoiserModel gives the same numbers (it is the same computation)."""
+    sampler = PROCESSES[name]
+    with jax.enable_x64(True):
+        mlp = mlp_denoiser(jnp.float64)
+        x = jnp.asarray(data_points(*diag_gaussian()))
+        solver = L.ODESolver(rtol=1e-9, atol=1e-9)
+        ours = L.log_likelihood(mlp, x, process=sampler, solver=solver, divergence='exact')
+        model, _ = samplers.bind(mlp, L.sampler_process(sampler))
+        general = L.log_likelihood_of_model(model, x, solver=solver, divergence='exact')
+
+        def f(t, y):
+            sigma, s, a, b = edm_form(sampler, t)
+            fn = lambda x: a * x - b * mlp(x[None] / s, sigma)[0]
+            return L.divergence_exact(fn, y[0])
+
+        t0, t1 = (float(edm_time(sampler, np.float64(level))) for level in (sampler.sigma_min, sampler.sigma_max))
+        solve = jax.jit(jax.vmap(lambda x: L.dopri5(f, (x, jnp.float64(0)), t0, t1, rtol=1e-9, atol=1e-9)))
+        (z, delta), stats = solve(x)
+        sigma1, s1, _, _ = edm_form(sampler, np.float64(t1))
+        reference = np.asarray(L.gaussian_log_prob(z, 0.0, float(s1 * sigma1)) + delta)
+    error = np.abs(np.asarray(ours.log_prob) - reference).max()
+    print(f'{name}: {error:.2e} nats, nfe {np.asarray(ours.nfe).max()} (EDM time: {np.asarray(stats.nfe).max()})')
+    assert bool(stats.success.all()) and error < 1e-6, error
+    np.testing.assert_array_equal(general.log_prob, ours.log_prob)
+
+
+def test_model_flow_rejects_an_empty_or_zero_noise_range():
+    model = gaussian_data.ideal_model(MODEL_PROCESSES['edm'], 'eps', *gaussian_data.moments(SHAPE))
+    with pytest.raises(ValueError, match='PF-ODE needs'):
+        L.model_flow(model, processes.GaussianProcess(processes.EDM(sigma_min=0.0)))
+    with pytest.raises(ValueError, match='ODESolver.time'):
+        L.ODESolver(time='logsnr')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdiff import parameterize, processes
 from jaxdiff import losses
 from jaxdiff import precond as pc
 
@@ -123,26 +124,29 @@ def test_loss_jits_and_differentiates():
 
 
 # ---------------------------------------------------------------------------------------------
-# eps_loss on processes (blurring diffusion).
+# diffusion_loss on processes (DDPM, score-SDE, blurring diffusion).
 
-def test_eps_loss_with_injected_draws_matches_the_paper_forward_process():
+def recording_model(process, output, fn, seen):
+    """A parameterize model of raw output fn(z) that records what the network saw."""
+    def net(params, z, c_noise, labels=None, augment_labels=None):
+        seen.update(z=z, t=c_noise / 1000, labels=labels)
+        return fn(z)
+    return parameterize.model_from_fn(net, process, output)
+
+
+def test_loss_with_injected_draws_matches_the_paper_forward_process():
     """z_t = IDCT(alpha_t * DCT(x)) + sigma_t eps written out with scipy's DCT and the paper's
-    alpha, sigma; the model must see (z_t, t) and the loss be (eps_hat - eps)^2 per element."""
+    alpha, sigma; the network must see (z_t, 1000 t) and the eps loss be (eps_hat - eps)^2 per element."""
     import scipy.fft
-    from jaxdiff import processes
     rng = np.random.default_rng(0)
     images, noise = rng.normal(size=(3, 4, 4, 2)), rng.normal(size=(3, 4, 4, 2))
     t = np.array([0.1, 0.5, 0.9])
     seen = {}
-
-    def model(z, t, labels=None):
-        seen.update(z=z, t=t, labels=labels)
-        return 0.5 * z
-
     with jax.enable_x64(True):
-        loss = losses.eps_loss(model, jnp.asarray(images), None, jnp.ones((3, 10)),
-                               process=processes.BlurringProcess(sigma_blur_max=3.0), t=jnp.asarray(t),
-                               noise=jnp.asarray(noise))
+        process = processes.BlurringProcess(sigma_blur_max=3.0)
+        loss = losses.diffusion_loss(recording_model(process, 'eps', lambda z: 0.5 * z, seen), jnp.asarray(images),
+                                     None, jnp.ones((3, 10)), process=process, t=jnp.asarray(t),
+                                     noise=jnp.asarray(noise))
     t0, t1 = np.arctan(np.exp(-5.0)), np.arctan(np.exp(5.0))
     logsnr = -2 * np.log(np.tan(t0 + t * (t1 - t0)))[:, None, None, None]
     a, sigma = np.sqrt(1 / (1 + np.exp(-logsnr))), np.sqrt(1 / (1 + np.exp(logsnr)))
@@ -151,58 +155,79 @@ def test_eps_loss_with_injected_draws_matches_the_paper_forward_process():
     u = scipy.fft.dctn(images, type=2, axes=(1, 2), norm='ortho')
     z = scipy.fft.idctn(a * d * u, type=2, axes=(1, 2), norm='ortho') + sigma * noise
     np.testing.assert_allclose(seen['z'], z, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(seen['t'], t)
+    np.testing.assert_allclose(seen['t'], t, rtol=1e-12)
     np.testing.assert_array_equal(seen['labels'], np.ones((3, 10)))
     np.testing.assert_allclose(loss, (0.5 * z - noise) ** 2, rtol=1e-12, atol=1e-12)
 
 
-def test_eps_loss_draws_uniform_t_and_unit_noise():
-    from jaxdiff import processes
+@pytest.mark.parametrize('target', ['x0', 'v'])
+def test_x0_and_v_targets_are_the_squared_error_of_that_quantity(target):
+    """A network of the target's own output type: the loss is (raw output - target)^2 with
+    x0 = the data and v = alpha eps - sigma x (Salimans & Ho 2022), written out in numpy."""
+    rng = np.random.default_rng(1)
+    images, noise, raw = rng.normal(size=(3, 4, 4, 2, 3)).transpose(4, 0, 1, 2, 3)
+    t = np.array([0.1, 0.5, 0.9])
+    process = processes.GaussianProcess()
+    with jax.enable_x64(True):
+        model = parameterize.model_from_fn(lambda p, z, *args: jnp.asarray(raw), process, target)
+        loss = np.asarray(losses.diffusion_loss(model, jnp.asarray(images), None, process=process, target=target,
+                                                t=jnp.asarray(t), noise=jnp.asarray(noise)))
+    logsnr = -2 * np.log(np.tan(np.arctan(np.exp(-5.0)) + t * (np.arctan(np.exp(5.0)) - np.arctan(np.exp(-5.0)))))
+    alpha, sigma = (np.sqrt(1 / (1 + np.exp(s * logsnr)))[:, None, None, None] for s in (-1, 1))
+    expected = images if target == 'x0' else alpha * noise - sigma * images
+    np.testing.assert_allclose(loss, (raw - expected) ** 2, rtol=1e-9, atol=1e-12)
+
+
+def test_loss_draws_uniform_t_and_unit_noise_and_discrete_steps():
     seen = {}
-
-    def model(z, t, labels=None):
-        seen['t'] = t
-        return jnp.zeros_like(z)
-
     n = 20000
-    loss = losses.eps_loss(model, jnp.zeros((n, 1, 1, 1)), jax.random.key(0), process=processes.GaussianProcess())
+    process = processes.GaussianProcess()
+    loss = losses.diffusion_loss(recording_model(process, 'eps', jnp.zeros_like, seen), jnp.zeros((n, 1, 1, 1)),
+                                 jax.random.key(0), process=process)
     t = np.asarray(seen['t'])
     assert t.shape == (n,) and t.min() >= 0 and t.max() < 1
     assert abs(t.mean() - 0.5) < 5 * np.sqrt(1 / 12 / n)
     assert abs(float(loss.mean()) - 1) < 5 * np.sqrt(2 / n)  # loss = eps^2 with eps ~ N(0, 1)
+    ddpm = processes.GaussianProcess(processes.Discrete('linear', 10))
+    steps = np.asarray(losses.draw_times(jax.random.key(1), ddpm, n)) * 10
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-5)  # t = n / T, n in 1..T
+    assert set(np.round(steps).astype(int)) == set(range(1, 11))
 
 
-def test_eps_loss_of_the_ideal_model_has_the_expected_value():
+def test_loss_of_the_ideal_model_has_the_expected_value():
     """Data independent per DCT coefficient, u_k ~ N(0, v_k): the ideal eps_hat leaves
     Var[eps_k | u_t] = alpha_k^2 v_k / (alpha_k^2 v_k + sigma^2) per coefficient, and an image's summed
     loss is the sum over coefficients (orthonormal DCT). Monte Carlo, 5 standard errors."""
-    from jaxdiff import dct, processes
+    from jaxdiff import dct
     process = processes.BlurringProcess(sigma_blur_max=3.0)
     freqs = (np.pi * np.arange(4) / 4)[:, None] ** 2 + (np.pi * np.arange(4) / 4)[None, :] ** 2
     v = (0.05 + 1 / (1 + 3 * freqs))[..., None]
     n, t = 8192, 0.4
 
-    def ideal(z, t, labels=None):
-        alpha, sigma = process.scale_sigma(t, z.shape, z.dtype)
+    def ideal(params, z, c_noise, labels=None, augment_labels=None):
+        alpha, sigma = process.scale_sigma(c_noise / 1000, z.shape, z.dtype)
         return dct.idct2(sigma * dct.dct2(z) / (alpha ** 2 * v + sigma ** 2))
 
     images = dct.idct2(jnp.sqrt(v) * jax.random.normal(jax.random.key(1), (n, 4, 4, 1)))
-    per_image = np.asarray(losses.eps_loss(ideal, images, jax.random.key(2), process=process,
-                                           t=jnp.full((n,), t)).sum(axis=(1, 2, 3)), np.float64)
+    per_image = np.asarray(losses.diffusion_loss(parameterize.model_from_fn(ideal, process), images,
+                                                 jax.random.key(2), process=process,
+                                                 t=jnp.full((n,), t)).sum(axis=(1, 2, 3)), np.float64)
     alpha, sigma = (np.asarray(a, np.float64) for a in process.scale_sigma(t, (1, 4, 4, 1)))
     expected = float(np.sum(alpha[0] ** 2 * v / (alpha[0] ** 2 * v + sigma[0] ** 2)))
     assert abs(per_image.mean() - expected) < 5 * per_image.std() / np.sqrt(n), (per_image.mean(), expected)
 
 
-def test_eps_loss_bound_for_the_train_step_jits_and_differentiates():
+def test_loss_bound_for_the_train_step_jits_and_differentiates():
     import functools
-    from jaxdiff import processes
-    loss_fn = functools.partial(losses.eps_loss, process=processes.BlurringProcess())
+    process = processes.BlurringProcess()
+    loss_fn = functools.partial(losses.diffusion_loss, process=process, target='v')
 
     def objective(params, images, key):
-        model = pc.eps_model_from_fn(lambda p, z, c, y, a: p['a'] * z, params)
+        model = parameterize.model_from_fn(lambda p, z, c, y, a: p['a'] * z, process, 'eps', params)
         return loss_fn(model, images, key, None).sum() / images.shape[0]
 
     images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3)) * 0.5
     value, grads = jax.jit(jax.value_and_grad(objective))({'a': jnp.float32(0.3)}, images, jax.random.key(1))
     assert np.isfinite(value) and np.isfinite(grads['a']) and grads['a'] != 0
+    with pytest.raises(ValueError, match='loss.type must be one of'):
+        losses.diffusion_loss(None, images, jax.random.key(0), process=process, target='score')

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import builders, ihdm, losses, precond, processes, runner
+from jaxdiff import builders, losses, parameterize, processes, runner
+from jaxdiff.methods import ihdm as ihdm_method
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from configs import blurring, ihdm as ihdm_config  # noqa: E402
+from configs import blurring, ddpm, ihdm as ihdm_config, score_sde  # noqa: E402
 
 BATCH = 16
 pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'),
@@ -74,12 +75,13 @@ def test_method_trains_samples_and_scores_through_the_runner(make_config, tmp_pa
 def test_blurring_loss_is_the_eps_loss_on_the_configured_process():
     config = tiny_blurring()
     loss_fn = builders.build_loss(config)
-    assert loss_fn.keywords['process'] == processes.BlurringProcess(sigma_blur_max=5.0)
+    process = processes.BlurringProcess(processes.Cosine(-10.0, 10.0), sigma_blur_max=5.0)
+    assert loss_fn.keywords['process'] == process and loss_fn.keywords['target'] == 'eps'
     fn = lambda params, z, c_noise, labels, aug: z * params + 0.01 * c_noise[:, None, None, None]
-    model = precond.eps_model_from_fn(fn, jnp.float32(0.5))
+    model = parameterize.model_from_fn(fn, process, 'eps', jnp.float32(0.5))
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1)
     got = loss_fn(model, x, jax.random.key(1), None)
-    want = losses.eps_loss(model, x, jax.random.key(1), process=processes.BlurringProcess(sigma_blur_max=5.0))
+    want = losses.diffusion_loss(model, x, jax.random.key(1), process=process)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -87,7 +89,7 @@ def test_ihdm_sampler_starts_from_the_prior_of_blurred_training_images():
     config = tiny_ihdm()
     images = np.random.default_rng(0).uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
     sampling = builders.build_sampling(config, images)
-    process = builders.build_process(config)
+    process = ihdm_method.build_process(config)
     # A model that returns its input unchanged leaves u_K + the per-step noise: its mean over many
     # samples is the mean of the blurred training images (the KDE prior's mean).
     module_params = None
@@ -109,11 +111,12 @@ def test_ihdm_sampler_starts_from_the_prior_of_blurred_training_images():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('method', 'ddpm', r"method must be one of \('edm', 'blurring', 'ihdm'\)"),
-    ('loss.type', 'edm', r"loss\.type must be 'eps' for method 'blurring'"),
+    ('method', 'ddim', r"method must be one of \('edm', 'ddpm', 'score_sde', 'blurring', 'ihdm'\)"),
+    ('loss.type', 'edm', r"loss\.type must be one of \('eps', 'x0', 'v'\)"),
     ('sample.solver', 'rk4', r'sample\.solver must be one of'),
     ('sample.spacing', 'log', r'sample\.spacing must be one of'),
-    ('process.sigma_blur_max', -1.0, r'process: .*sigma_blur_max must be >= 0'),
+    ('process.sigma_blur_max', -1.0, r'process\.sigma_blur_max must be >= 0'),
+    ('model.output', 'score', r'model\.output must be one of'),
 ])
 def test_blurring_config_errors_name_the_field(field, value, message, tmp_path):
     config = tiny_blurring()
@@ -134,7 +137,8 @@ def test_unknown_process_field_and_ihdm_step_count_are_config_errors(tmp_path):
         runner.prepare(config, tmp_path)
 
 
-@pytest.mark.parametrize('module, method', [(blurring, 'blurring'), (ihdm_config, 'ihdm')])
+@pytest.mark.parametrize('module, method', [(blurring, 'blurring'), (ihdm_config, 'ihdm'), (ddpm, 'ddpm'),
+                                            (score_sde, 'score_sde')])
 def test_the_empty_preset_is_digits_and_an_unknown_one_names_the_file(module, method):
     config = module.get_config('')
     assert (config.preset, config.method, config.data.name) == ('digits', method, 'digits')
@@ -142,17 +146,15 @@ def test_the_empty_preset_is_digits_and_an_unknown_one_names_the_file(module, me
         module.get_config('cifar100')
 
 
-@pytest.mark.parametrize('module, preset', [(blurring, p) for p in blurring.PRESETS]
-                         + [(ihdm_config, p) for p in ihdm_config.PRESETS])
+@pytest.mark.parametrize('module, preset', [(m, p) for m in (blurring, ihdm_config, ddpm, score_sde) for p in m.PRESETS])
 def test_every_preset_builds_its_network_loss_and_sampler(module, preset):
     config = module.get_config(preset)
     network = builders.build_module(config)
     builders.build_loss(config)
     res, ch = config.data.resolution, config.data.channels
-    prior = np.zeros((2, res, res, ch), np.float32) if config.method == 'ihdm' else None
+    prior = np.random.default_rng(0).uniform(-1, 1, (4, res, res, ch)).astype(np.float32)
     sampling = builders.build_sampling(config, prior)
     assert sampling.num_steps == config.sample.num_steps
     shape = jax.eval_shape(lambda: network.init(jax.random.key(0), jnp.zeros((1, res, res, ch)), jnp.zeros((1,))))
     assert jax.tree.leaves(shape)
-    if config.method == 'ihdm':
-        assert isinstance(builders.build_process(config), ihdm.HeatDissipation)
+    builders.check(config)

@@ -153,7 +153,7 @@ CONFIG_ERRORS = [
     ('sample.num_steps', 1, r'sample\.num_steps'),
     ('model.kwargs.model_channels', 33, r'model\.kwargs: model_channels \* channel_mult = 33 channels'),
     ('model.kwargs.bogus', 1, r"model\.kwargs: .*unexpected keyword argument 'bogus'"),
-    ('model.type', 'UNet', r"model: Unsupported EDM model_type 'UNet'"),
+    ('model.type', 'UNet', r"model: Unsupported model type 'UNet'"),
     ('model.dtype', 'float16', r'model\.dtype must be one of'),
     ('precond.type', 'x', r'precond\.type must be one of'),
     ('mesh.data', 2, r'mesh\.data \* mesh\.fsdp must equal the 1 devices'),

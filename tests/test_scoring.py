@@ -24,7 +24,7 @@ from jaxdiff.analytic import GaussianDenoiser
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from configs import edm  # noqa: E402
+from configs import blurring as blurring_config, edm  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -388,7 +388,8 @@ def test_bpd_needs_a_process_and_a_denoiser():
     config.precond.type = 'iddpm'
     with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*precond\.type.*'iddpm'"):
         scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
-    config.precond.type, config.method = 'edm', 'blurring'
+    config = blurring_config.get_config()
+    config.eval.metrics = ('fd', 'bpd')
     with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*method 'blurring'"):
         scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
 

@@ -97,15 +97,11 @@ def edm_module(model_type: str, *, img_resolution: int, img_channels: int, label
                out_channels: int | None = None, dtype=None, **model_kwargs):
     """The jaxdiff Flax module for EDM's `model_type` and keyword arguments, as EDM's Precond
     builds it (in_channels = img_channels; out_channels = img_channels, or twice that for iDDPM)."""
-    from jaxdiff.nets.adm import DhariwalUNet
-    from jaxdiff.nets.ddpmpp import SongUNet
-    classes = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
-    if model_type not in classes:
+    from jaxdiff import nets
+    if model_type not in MODEL_TYPES:
         raise ValueError(f'Unsupported EDM model_type {model_type!r}; expected one of {MODEL_TYPES}')
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
-    return classes[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                               out_channels=out_channels or img_channels, label_dim=label_dim,
-                               dtype=dtype, **kwargs)
+    return nets.build(model_type, img_resolution=img_resolution, in_channels=img_channels,
+                      out_channels=out_channels or img_channels, label_dim=label_dim, dtype=dtype, **model_kwargs)
 
 
 def edm_precond(precond_type: str, precond_kwargs: Mapping[str, Any], state_dict: Mapping[str, Any] = None):

@@ -49,6 +49,20 @@ def sigma_range(sampler, process, net_sigma_min: float = 0.0, net_sigma_max: flo
     return lo, hi
 
 
+def time_range(sampler, process) -> tuple[float, float]:
+    """[t_min, t_max] of the time grids: the process's, narrowed to sampler.sigma_min/sigma_max when
+    given; an unbounded process (EDM's of a plain denoiser, sigma in [0, inf)) gets EDM's 0.002..80."""
+    lo, hi = process_noise_range(process)
+    want_lo = sampler.sigma_min if sampler.sigma_min is not None else (0.002 if not lo > 0 else None)
+    want_hi = sampler.sigma_max if sampler.sigma_max is not None else (80.0 if not np.isfinite(hi) else None)
+    t_min = process.t_min if want_lo is None else float(process.t_from_noise_level(max(want_lo, lo)))
+    t_max = process.t_max if want_hi is None else float(process.t_from_noise_level(min(want_hi, hi)))
+    if not t_min < t_max:
+        raise ValueError(f'Empty time range [{t_min}, {t_max}] (sigma_min={sampler.sigma_min}, '
+                         f'sigma_max={sampler.sigma_max} on a process spanning noise levels {lo}..{hi})')
+    return t_min, t_max
+
+
 def edm_noise_levels(sampler, sigma_min: float, sigma_max: float) -> np.ndarray:
     """The N noise levels of EDM's discretisation `sampler.discretization`, largest first."""
     n = sampler.num_steps
@@ -75,12 +89,14 @@ def time_grid(sampler, process, net_sigma_min: float = 0.0, net_sigma_max: float
                              f'{type(process.schedule).__name__}')
         steps = schedules.ddpm_timesteps(process.schedule.T, n, sampler.spacing, sampler.steps_offset)
         t = (np.asarray(steps, np.float64) + 1) / process.schedule.T
-    elif kind == 'uniform':
-        t = np.linspace(process.t_max, process.t_min, n, dtype=np.float64)
-    else:  # 'logsnr'
-        lo, hi = process.schedule.logsnr(np.array([process.t_max, process.t_min], np.float64))
-        t = np.asarray(process.schedule.t_from_logsnr(np.linspace(lo, hi, n)), np.float64)
-        t[0], t[-1] = process.t_max, process.t_min  # exact ends, not inverse round trips
+    else:
+        t_min, t_max = time_range(sampler, process)
+        if kind == 'uniform':
+            t = np.linspace(t_max, t_min, n, dtype=np.float64)
+        else:  # 'logsnr'
+            lo, hi = process.schedule.logsnr(np.array([t_max, t_min], np.float64))
+            t = np.asarray(process.schedule.t_from_logsnr(np.linspace(lo, hi, n)), np.float64)
+            t[0], t[-1] = t_max, t_min  # exact ends, not inverse round trips
     if not np.all(np.isfinite(t)):
         raise ValueError(f'sample.discretization={kind!r} needs a process with a finite time range, '
                          f'got [{process.t_min}, {process.t_max}]')

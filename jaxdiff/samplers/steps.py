@@ -307,7 +307,8 @@ def pc_table(sampler, process, grid, shape):
         and the same step in scaled coordinates for every other process):
         x~_s = x~ + (sigma~_t^2 - sigma~_s^2) (D - x~) / sigma~_t^2 + sqrt(sigma~_t^2 - sigma~_s^2) xi.
 
-    Into the data the predictor returns its mean, D (score_sde's denoise=True).
+    Into the data the predictor returns its mean, D (score_sde's denoise=True). The batch-averaged
+    norms make a sample depend on the others in its batch (the only sampler here that does).
     """
     n = len(grid.t)
     at = points(process, grid.t, shape)

@@ -1,0 +1,46 @@
+"""The Gaussian-process methods' shared shape (ddpm, score_sde, blurring): a process of
+`config.process`, a `parameterize` model of `config.model` (output eps | x0 | v, learned variance),
+the denoising loss on it (`config.loss.type`: the target eps | x0 | v) and any sampler of the core."""
+from __future__ import annotations
+
+import functools
+
+from jaxdiff import losses, train
+from jaxdiff.methods import common
+
+NEEDS_PRIOR_IMAGES = False
+
+
+def check(config) -> None:
+    loss(config)
+    model_factory(config)
+    sampler = common.build_sampler(config)
+    if sampler.solver == 'ancestral':  # learned variance with its sampler, and DDPM variances on VP only
+        learned = config.model.get('learned_variance', False)
+        if (sampler.variance == 'learned_range') != bool(learned):
+            raise ValueError("sample.variance='learned_range' goes with model.learned_variance=True, and back")
+    for field in ('sample.eta', 'sample.snr'):
+        train.check_number(config, field, low=0)
+
+
+def out_channels(config, channels: int) -> int:
+    return 2 * channels if config.model.get('learned_variance', False) else channels
+
+
+def model_factory(config):
+    return common.model_factory(config, common.build_process(config))
+
+
+def loss(config):
+    process = common.build_process(config)
+    if config.loss.type not in losses.TARGETS:
+        raise ValueError(f'loss.type must be one of {losses.TARGETS}, got {config.loss.type!r}')
+    return functools.partial(losses.diffusion_loss, process=process, target=config.loss.type)
+
+
+def sampling(config, prior_images=None) -> common.Sampling:
+    return common.sampling(config, model_factory(config))
+
+
+def likelihood_model(config, make, module, params):
+    return None  # bits/dim of process models: not in jaxdiff.likelihood yet
