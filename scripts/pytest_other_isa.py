@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NUMERICS_TESTS = ['tests/nets', 'tests/test_dct.py', 'tests/test_ihdm.py', 'tests/test_likelihood.py',
                   'tests/test_losses.py', 'tests/test_metrics.py', 'tests/test_precond.py',
                   'tests/test_parameterize.py', 'tests/test_processes.py', 'tests/test_samplers.py',
-                  'tests/test_samplers_core.py',
+                  'tests/test_samplers_core.py', 'tests/test_samplers_reference.py',
                   'tests/test_samplers_edm.py', 'tests/test_schedules.py', 'tests/test_train.py']
 # numpy dispatch targets that need more than each cap (numpy 2.0-2.3 and >= 2.4 names).
 ABOVE_AVX2 = ('AVX512', 'X86_V4')
