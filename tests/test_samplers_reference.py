@@ -65,3 +65,53 @@ def test_ode_solvers_match_k_diffusion_on_an_analytic_denoiser(solver, n):
         np.testing.assert_allclose(grid.sigma, KDIFF[f'f64/karras/n{n}/sigmas'][:-1], rtol=1e-13)
         out = samplers.sample(sampler, denoise, jnp.asarray(x_init) / 80.0)
     np.testing.assert_allclose(np.asarray(out), KDIFF[f'n{n}/{solver}/x_final'], rtol=1e-10, atol=1e-10)
+
+
+SDE_VE = np.load(pathlib.Path(__file__).parent / 'data' / 'gaussian' / 'diffusers_score_sde_ve.npz')
+
+
+def _ve_pc_row(process, t, shape):
+    grid = grids.Grid(t, grids.dc_noise_level(process, t))
+    sampler = samplers.Sampler(solver='pc', num_steps=2, discretization='uniform', snr=0.16)
+    return jax.tree.map(lambda a: jnp.asarray(a[0]), steps.pc_table(sampler, process, grid, shape)[0])
+
+
+@pytest.mark.parametrize('N', [100, 1000])
+def test_pc_predictor_matches_diffusers_score_sde_ve_step_pred(N):
+    """ScoreSdeVeScheduler.step_pred (score_sde's reverse-diffusion predictor) at steps 0, 1, N/2 and
+    N - 1 of CIFAR-10's VE setting (sigma 0.01..50): it steps between its discrete sigmas
+    sigma_j = sigma_min (sigma_max / sigma_min)^(j / (N - 1)), j = long(t (N - 1)), from j to j - 1
+    (the data, sigma 0, from j = 0), which is our VE process at t = j / (N - 1). The means agree
+    everywhere; diffusers adds noise even on the step into the data, where ours returns the mean."""
+    process = processes.GaussianProcess(processes.VE(0.01, 50.0))
+    sample, score, noise = SDE_VE['inputs/sample'], SDE_VE['inputs/score'], SDE_VE['inputs/noise_pred']
+    key = f'f64/N{N}/step_pred'
+    with jax.enable_x64(True):
+        model = parameterize.from_denoiser(lambda x, sigma, *a: x + sigma.reshape(-1, 1, 1, 1) ** 2 * score, process)
+        denoise = driver.scaled_denoiser(model, process, None, None)
+        for i, timestep in enumerate(SDE_VE[f'{key}/timestep']):
+            j = int(timestep * (N - 1))
+            t = np.array([j, j - 1], np.float64)[: 2 if j > 0 else 1] / (N - 1)
+            row = _ve_pc_row(process, t, sample.shape)
+            mean = steps.pc_step(denoise, jnp.asarray(sample), row, jnp.zeros((1,) + sample.shape), snr=0.16,
+                                 corrector_steps=0)
+            np.testing.assert_allclose(mean, SDE_VE[f'{key}/prev_sample_mean'][i], rtol=1e-10, atol=1e-10)
+            if j > 0:
+                x = steps.pc_step(denoise, jnp.asarray(sample), row, jnp.asarray(noise)[None], snr=0.16,
+                                  corrector_steps=0)
+                np.testing.assert_allclose(x, SDE_VE[f'{key}/prev_sample'][i], rtol=1e-10, atol=1e-10)
+
+
+def test_langevin_corrector_matches_diffusers_score_sde_ve_step_correct():
+    """ScoreSdeVeScheduler.step_correct: step = 2 (snr ||noise|| / ||score||)^2 with per-sample norms
+    averaged over the batch, x + step score + sqrt(2 step) noise (VE: score_sde's alpha_i = 1)."""
+    process = processes.GaussianProcess(processes.VE(0.01, 50.0))
+    sample, score, noise = SDE_VE['inputs/sample'], SDE_VE['inputs/score'], SDE_VE['inputs/noise_correct']
+    with jax.enable_x64(True):
+        model = parameterize.from_denoiser(lambda x, sigma, *a: x + sigma.reshape(-1, 1, 1, 1) ** 2 * score, process)
+        denoise = driver.scaled_denoiser(model, process, None, None)
+        row = _ve_pc_row(process, np.array([0.5, 0.4]), sample.shape)
+        row = row._replace(r=jnp.ones_like(row.r), std=jnp.zeros_like(row.std))  # the predictor as identity
+        x = steps.pc_step(denoise, jnp.asarray(sample), row, jnp.stack([jnp.zeros_like(noise), noise]), snr=0.16,
+                          corrector_steps=1)
+    np.testing.assert_allclose(x, SDE_VE['f64/step_correct/prev_sample'], rtol=1e-10, atol=1e-10)
