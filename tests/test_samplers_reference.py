@@ -115,3 +115,33 @@ def test_langevin_corrector_matches_diffusers_score_sde_ve_step_correct():
         x = steps.pc_step(denoise, jnp.asarray(sample), row, jnp.stack([jnp.zeros_like(noise), noise]), snr=0.16,
                           corrector_steps=1)
     np.testing.assert_allclose(x, SDE_VE['f64/step_correct/prev_sample'], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('n', [50, 1000])
+@pytest.mark.parametrize('variance', ['fixed_small', 'learned_range'])
+@pytest.mark.parametrize('prediction', list(OUTPUTS))
+def test_ancestral_step_matches_diffusers_ddpm(prediction, variance, n):
+    """DDPMScheduler.step with n inference steps (prev = t - T/n; into the data from t = 0, without
+    noise there), variance 'fixed_small' (the posterior's) or 'learned_range' (iDDPM's interpolation
+    of log beta_t and log beta~_t, the network's last C channels), injected variance noise."""
+    process = processes.GaussianProcess(processes.Discrete('linear', T))
+    learned = variance == 'learned_range'
+    sample, noise = REF['inputs/sample'], REF['inputs/noise']
+    output = REF['inputs/model_output_2c'] if learned else REF['inputs/model_output']
+    expected = REF[f'f64/ddpm/n{n}/{variance}/{prediction}/prev_sample']
+    sampler = samplers.Sampler(solver='ancestral', variance=variance, num_steps=2, discretization='uniform')
+    stride = T // n
+    with jax.enable_x64(True):
+        model = parameterize.model_from_fn(lambda p, z, *args: jnp.asarray(output), process, OUTPUTS[prediction],
+                                           learned_variance=learned)
+        denoise = driver.scaled_denoiser(model, process, None, None)
+        for i, k in enumerate(REF['step/t_values']):
+            t = np.array([k + 1, k + 1 - stride], np.float64)[: 2 if k > 0 else 1] / T
+            table, _ = steps.gaussian_table(sampler, process, grids.Grid(t, grids.dc_noise_level(process, t)),
+                                            sample.shape)
+            row = jax.tree.map(lambda a: jnp.asarray(a[0]), table)
+            x_next = steps.gaussian_step(denoise, jnp.asarray(sample) / row.at.alpha, row, jnp.asarray(noise)[None],
+                                         learned_variance=learned)
+            alpha_next = 1.0 if k == 0 else float(np.sqrt(1 / (1 + np.exp(-process.schedule.logsnr(t[1])))))
+            np.testing.assert_allclose(np.asarray(x_next) * alpha_next, expected[i], rtol=1e-9, atol=1e-10,
+                                       err_msg=f'timestep {k}')
