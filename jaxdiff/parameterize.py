@@ -50,7 +50,38 @@ class Prediction(NamedTuple):
     variance_fraction: jax.Array | None = None
 
 
-class Model(flax.struct.PyTreeNode):
+class _OnProcess:
+    """`model(z, t, labels)`: `predict` with (alpha_t, sigma_t) of the model's process at t."""
+
+    def __call__(self, z, t, labels=None, augment_labels=None) -> Prediction:
+        alpha, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
+        return self.predict(z, t, alpha, sigma, labels, augment_labels)
+
+
+class _Wrapper(_OnProcess):
+    """A model around `self.model`: its process, noise range and learned variance are the inner model's."""
+
+    @property
+    def process(self):
+        return self.model.process
+
+    @property
+    def sigma_min(self) -> float:
+        return self.model.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.model.sigma_max
+
+    def round_sigma(self, sigma):
+        return self.model.round_sigma(sigma)
+
+    @property
+    def learned_variance(self) -> bool:
+        return getattr(self.model, 'learned_variance', False)
+
+
+class Model(_OnProcess, flax.struct.PyTreeNode):
     """`model(z, t, labels=None) -> Prediction` for one network and its parameters on `process`.
 
     `predict(z, t, alpha, sigma, labels)` is the same with (alpha_t, sigma_t) given (the samplers
@@ -65,10 +96,6 @@ class Model(flax.struct.PyTreeNode):
     noise_labels: str = flax.struct.field(pytree_node=False, default='schedule')
     learned_variance: bool = flax.struct.field(pytree_node=False, default=False)
     label_dim: int = flax.struct.field(pytree_node=False, default=0)
-
-    def __call__(self, z, t, labels=None, augment_labels=None) -> Prediction:
-        alpha, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
-        return self.predict(z, t, alpha, sigma, labels, augment_labels)
 
     @property
     def sigma_min(self) -> float:
@@ -152,15 +179,11 @@ def model_from_fn(fn: Callable, process, output: str = 'eps', params: Any = None
     return Model(params=params, net=jax.tree_util.Partial(fn), process=process, output=output, **kwargs)
 
 
-class DenoiserModel(flax.struct.PyTreeNode):
+class DenoiserModel(_OnProcess, flax.struct.PyTreeNode):
     """An EDM-style denoiser D(x; sigma) (a `precond.Denoiser`, an analytic one, ...) as a model on a
     process with one scale per image: x~ = z / alpha, sigma~ = sigma / alpha, x0_hat = D(x~; sigma~)."""
     denoise: Callable
     process: Any = flax.struct.field(pytree_node=False)
-
-    def __call__(self, z, t, labels=None, augment_labels=None) -> Prediction:
-        alpha, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
-        return self.predict(z, t, alpha, sigma, labels, augment_labels)
 
     @property
     def sigma_min(self) -> float:
@@ -189,7 +212,7 @@ def from_denoiser(denoise: Callable, process) -> DenoiserModel:
     return DenoiserModel(denoise=denoise, process=process)
 
 
-class Guided(flax.struct.PyTreeNode):
+class Guided(_Wrapper, flax.struct.PyTreeNode):
     """Classifier-free guidance: eps~ = eps_u + s (eps_c - eps_u), x0~ likewise (module docstring).
 
     `interval` (lo, hi): guide only where the noise level sigma_t / alpha_t lies in [lo, hi]
@@ -199,29 +222,6 @@ class Guided(flax.struct.PyTreeNode):
     model: Any
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
     interval: tuple | None = flax.struct.field(pytree_node=False, default=None)
-
-    @property
-    def process(self):
-        return self.model.process
-
-    @property
-    def sigma_min(self) -> float:
-        return self.model.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.model.sigma_max
-
-    def round_sigma(self, sigma):
-        return self.model.round_sigma(sigma)
-
-    @property
-    def learned_variance(self) -> bool:
-        return getattr(self.model, 'learned_variance', False)
-
-    def __call__(self, z, t, labels=None, augment_labels=None) -> Prediction:
-        alpha, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
-        return self.predict(z, t, alpha, sigma, labels, augment_labels)
 
     def predict(self, z, t, alpha, sigma, labels=None, augment_labels=None) -> Prediction:
         if labels is None:
@@ -242,7 +242,7 @@ class Guided(flax.struct.PyTreeNode):
         return Prediction(guide(cond.x0, uncond.x0), guide(cond.eps, uncond.eps), cond.variance_fraction)
 
 
-class LowSNRCutoff(flax.struct.PyTreeNode):
+class LowSNRCutoff(_Wrapper, flax.struct.PyTreeNode):
     """A model whose prediction is the no-signal limit (x0_hat = 0, eps_hat = u / sigma) on every basis
     coefficient whose logSNR lambda = 2 log(alpha / sigma) is below `logsnr_cutoff`.
 
@@ -255,20 +255,6 @@ class LowSNRCutoff(flax.struct.PyTreeNode):
     """
     model: Any
     logsnr_cutoff: float = flax.struct.field(pytree_node=False, default=-8.0)
-
-    @property
-    def process(self):
-        return self.model.process
-
-    sigma_min = property(lambda self: self.model.sigma_min)
-    sigma_max = property(lambda self: self.model.sigma_max)
-
-    def round_sigma(self, sigma):
-        return self.model.round_sigma(sigma)
-
-    def __call__(self, z, t, labels=None, augment_labels=None) -> Prediction:
-        alpha, sigma = self.process.scale_sigma(t, z.shape, z.dtype)
-        return self.predict(z, t, alpha, sigma, labels, augment_labels)
 
     def predict(self, z, t, alpha, sigma, labels=None, augment_labels=None) -> Prediction:
         p = self.process
