@@ -12,10 +12,13 @@ Images are NHWC; sigma has shape [N, 1, 1, 1].
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import processes, schedules
 
 
 def denoising_loss(denoise, images, sigma, noise, weight, labels=None, augment_labels=None):
@@ -75,7 +78,8 @@ def draw_times(key, process, n, dtype=jnp.float32):
     return process.t_min + (process.t_max - process.t_min) * jax.random.uniform(key, (n,), dtype)
 
 
-def diffusion_loss(model, images, key=None, labels=None, *, process, target: str = 'eps', t=None, noise=None):
+def diffusion_loss(model, images, key=None, labels=None, *, process, target: str = 'eps', vlb_weight: float = 0.0,
+                   t=None, noise=None):
     """The denoising loss of a model on any process, per element (DDPM's L_simple for 'eps'):
 
         t ~ `draw_times`,  z_t = process.diffuse(x, t, eps),  (x0_hat, eps_hat) = model(z_t, t),
@@ -84,8 +88,10 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
 
     The target is independent of the network's output type: a v-output network trained on
     'eps' is fine. With `target='eps'` this is score-SDE's denoising score matching with
-    lambda(t) = sigma_t^2 (score = -eps / sigma), and Ho et al.'s L_simple. `t` ([N]) and `noise`
-    (unit normal, images' shape) may be passed instead of drawn.
+    lambda(t) = sigma_t^2 (score = -eps / sigma), and Ho et al.'s L_simple. `vlb_weight` > 0 adds
+    iDDPM's hybrid term (`vlb_term`, learned variance on a Discrete schedule):
+    loss + vlb_weight * T * L_t / ln 2, which is iDDPM's L_simple + 0.001 L_vlb for 0.001.
+    `t` ([N]) and `noise` (unit normal, images' shape) may be passed instead of drawn.
     """
     if target not in TARGETS:
         raise ValueError(f'loss.type must be one of {TARGETS}, got {target!r}')
@@ -94,11 +100,80 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
     key_t, key_noise = jax.random.split(key) if key is not None else (None, None)
     t = draw_times(key_t, process, images.shape[0], images.dtype) if t is None else jnp.asarray(t, images.dtype).reshape(-1)
     noise = jax.random.normal(key_noise, images.shape, images.dtype) if noise is None else noise
-    prediction = model(process.diffuse(images, t, noise), t, labels)
+    z = process.diffuse(images, t, noise)
+    prediction = model(z, t, labels)
     if target == 'eps':
-        return jnp.square(prediction.eps - noise)
-    if target == 'x0':
-        return jnp.square(prediction.x0 - images)
-    alpha, sigma = process.scale_sigma(t, images.shape, images.dtype)
-    basis = process.to_basis
-    return jnp.square(process.from_basis(alpha * basis(prediction.eps - noise) - sigma * basis(prediction.x0 - images)))
+        loss = jnp.square(prediction.eps - noise)
+    elif target == 'x0':
+        loss = jnp.square(prediction.x0 - images)
+    else:
+        alpha, sigma = process.scale_sigma(t, images.shape, images.dtype)
+        basis = process.to_basis
+        loss = jnp.square(process.from_basis(alpha * basis(prediction.eps - noise) - sigma * basis(prediction.x0 - images)))
+    if vlb_weight:
+        T = check_vlb(process, prediction.variance_fraction is not None)
+        loss = loss + (vlb_weight * T / math.log(2)) * vlb_term(process.schedule, prediction, images, z, t)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# iDDPM's variational bound term (Nichol & Dhariwal 2021, Sec. 3.1; Ho et al. 2020, eq. 5).
+
+def check_vlb(process, learned_variance: bool) -> int:
+    """T of the process, or a ValueError: L_vlb needs learned variance on a Gaussian Discrete process."""
+    if not (isinstance(process, processes.GaussianProcess) and isinstance(process.schedule, processes.Discrete)):
+        raise ValueError("loss.vlb_weight > 0 (iDDPM's hybrid loss) needs process.schedule='discrete' on a "
+                         'Gaussian process (its L_vlb is over the T steps)')
+    if not learned_variance:
+        raise ValueError('loss.vlb_weight > 0 trains the variance: it needs model.learned_variance=True')
+    return process.schedule.T
+
+
+def posterior_table(schedule) -> dict:
+    """Host float64 tables over n = 1..T of a Discrete schedule, with alpha_bar_0 = 1:
+
+        beta_n,  beta~_n = beta_n (1 - alpha_bar_{n-1}) / (1 - alpha_bar_n)   (Ho et al. eq. 7),
+        q(z_{n-1} | z_n, x) = N(c_x x + c_z z_n, beta~_n),
+        c_x = sqrt(alpha_bar_{n-1}) beta_n / (1 - alpha_bar_n),  c_z = sqrt(1 - beta_n) (1 - alpha_bar_{n-1}) / (1 - alpha_bar_n),
+        log_beta_tilde: log beta~_n with beta~_1 = 0 replaced by beta~_2 (iDDPM's clipping).
+    """
+    beta = schedule.betas_table
+    alpha_bar = np.cumprod(1 - beta)
+    alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
+    beta_tilde = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    return dict(c_x=np.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar),
+                c_z=np.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - alpha_bar),
+                log_beta=np.log(beta), log_beta_tilde=np.log(np.append(beta_tilde[1], beta_tilde[1:])))
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats."""
+    return 0.5 * (log_var2 - log_var1 + jnp.exp(log_var1 - log_var2) + jnp.square(mean1 - mean2) * jnp.exp(-log_var2) - 1)
+
+
+def discretized_gaussian_nll(x, mean, log_scale, bin_width: float = 2 / 255):
+    """-log P(x) per element in nats for N(mean, e^(2 log_scale)) integrated over x's bin of `bin_width`
+    (8-bit data in [-1, 1]), the end bins reaching to -inf and +inf; probabilities floored at 1e-12
+    as Ho et al. and iDDPM do. The exact normal CDF (iDDPM uses a tanh approximation of it)."""
+    inv_scale = jnp.exp(-log_scale)
+    upper = jax.scipy.stats.norm.cdf(inv_scale * (x - mean + bin_width / 2))
+    lower = jax.scipy.stats.norm.cdf(inv_scale * (x - mean - bin_width / 2))
+    prob = jnp.where(x < -0.999, upper, jnp.where(x > 0.999, 1 - lower, upper - lower))
+    return -jnp.log(jnp.maximum(prob, 1e-12))
+
+
+def vlb_term(schedule, prediction, images, z, t):
+    """L_t per element in nats for t = n / T (iDDPM's `_vb_terms_bpd` times ln 2):
+    KL(q(z_{n-1} | z_n, x) || p(z_{n-1} | z_n)) for n > 1, the discretised decoder -log p(x | z_1) for n = 1.
+    p's mean is the posterior mean at x0_hat with the gradient stopped (only the variance learns
+    from L_vlb); its log-variance is f log beta_n + (1 - f) log beta~_n (f: `variance_fraction`)."""
+    table = {k: jnp.asarray(v, images.dtype) for k, v in posterior_table(schedule).items()}
+    n = jnp.round(jnp.asarray(t).reshape(-1) * schedule.T).astype(jnp.int32)
+    row = {k: v[n - 1].reshape((-1,) + (1,) * (images.ndim - 1)) for k, v in table.items()}
+    x0 = jax.lax.stop_gradient(prediction.x0)
+    f = prediction.variance_fraction
+    log_var = f * row['log_beta'] + (1 - f) * row['log_beta_tilde']
+    mean = row['c_x'] * x0 + row['c_z'] * z
+    kl = normal_kl(row['c_x'] * images + row['c_z'] * z, row['log_beta_tilde'], mean, log_var)
+    decoder = discretized_gaussian_nll(images, mean, 0.5 * log_var)
+    return jnp.where((n == 1).reshape(row['c_x'].shape), decoder, kl)

@@ -153,11 +153,15 @@ class EDM:
 
 
 @functools.lru_cache(maxsize=None)
-def _discrete_logsnr_table(betas: str, T: int, kwargs: tuple) -> np.ndarray:
+def _discrete_betas(betas: str, T: int, kwargs: tuple) -> np.ndarray:
     table = {'linear': schedules.linear_betas, 'cosine': schedules.cosine_betas, 'sigmoid': schedules.sigmoid_betas}
     if betas not in table:
         raise ValueError(f'Discrete.betas must be one of {sorted(table)}, got {betas!r}')
-    alpha_bar = schedules.alphas_cumprod(table[betas](T, **dict(kwargs)))
+    return np.asarray(table[betas](T, **dict(kwargs)), np.float64)
+
+
+def _discrete_logsnr_table(betas: str, T: int, kwargs: tuple) -> np.ndarray:
+    alpha_bar = schedules.alphas_cumprod(_discrete_betas(betas, T, kwargs))
     logsnr = np.log(alpha_bar) - np.log1p(-alpha_bar)
     logsnr.setflags(write=False)
     return logsnr
@@ -191,6 +195,11 @@ class Discrete:
     def table(self) -> np.ndarray:
         """lambda_n for n = 1..T (float64)."""
         return _discrete_logsnr_table(self.betas, self.T, tuple(self.beta_kwargs))
+
+    @property
+    def betas_table(self) -> np.ndarray:
+        """beta_n for n = 1..T (float64), as the beta function gives them."""
+        return _discrete_betas(self.betas, self.T, tuple(self.beta_kwargs))
 
     def logsnr(self, t):
         xp = np if isinstance(t, (np.ndarray, np.generic, float, int)) else jnp

@@ -158,3 +158,38 @@ def test_every_preset_builds_its_network_loss_and_sampler(module, preset):
     shape = jax.eval_shape(lambda: network.init(jax.random.key(0), jnp.zeros((1, res, res, ch)), jnp.zeros((1,))))
     assert jax.tree.leaves(shape)
     builders.check(config)
+
+
+def test_ddpm_hybrid_loss_config_errors_name_the_field(tmp_path):
+    config = tiny(ddpm.get_config())
+    config.loss.vlb_weight = 0.001
+    with pytest.raises(ValueError, match=r'loss\.vlb_weight > 0 trains the variance: it needs model\.learned_variance=True'):
+        runner.prepare(config, tmp_path)
+    config.loss.vlb_weight = -1.0
+    with pytest.raises(ValueError, match=r'loss\.vlb_weight must be >= 0'):
+        runner.prepare(config, tmp_path)
+    config = tiny(score_sde.get_config())
+    config.model.learned_variance, config.loss.vlb_weight = True, 0.001
+    with pytest.raises(ValueError, match=r"needs process\.schedule='discrete'"):
+        builders.build_loss(config)
+
+
+def test_ddpm_hybrid_loss_trains_the_variance_channels_of_the_network():
+    """The launcher's loss for learned variance + vlb_weight: finite, larger than L_simple alone, and
+    the network's variance half gets a gradient only from L_vlb."""
+    from jaxdiff import train
+    config = tiny(ddpm.get_config())
+    config.model.learned_variance, config.sample.variance = True, 'learned_range'
+    module = builders.build_module(config)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (BATCH, 8, 8, 1)), jnp.float32)
+    params = module.init(jax.random.key(0), images, jnp.zeros((BATCH,)))['params']
+    make_model = builders.model_factory(config)
+    objectives, variance_grads = {}, {}
+    for weight in (0.0, 0.001):
+        config.loss.vlb_weight = weight
+        setup = train.make_setup(config, module, make_model, builders.build_loss(config))
+        objective, _, grads = train.loss_and_grads(setup, params, {'image': images}, jax.random.key(1))
+        objectives[weight] = float(objective)
+        variance_grads[weight] = np.asarray(grads['dec_8x8_aux_conv']['kernel'][..., 1])  # the output conv's variance channel
+    assert np.isfinite(objectives[0.001]) and objectives[0.001] > objectives[0.0]
+    assert np.all(variance_grads[0.0] == 0) and np.abs(variance_grads[0.001]).max() > 0

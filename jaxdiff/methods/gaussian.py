@@ -1,6 +1,7 @@
 """The Gaussian-process methods' shared shape (ddpm, score_sde, blurring): a process of
 `config.process`, a `parameterize` model of `config.model` (output eps | x0 | v, learned variance),
-the denoising loss on it (`config.loss.type`: the target eps | x0 | v) and any sampler of the core."""
+the denoising loss on it (`config.loss.type`: the target eps | x0 | v; `loss.vlb_weight`: iDDPM's
+hybrid L_vlb term) and any sampler of the core."""
 from __future__ import annotations
 
 import functools
@@ -35,7 +36,11 @@ def loss(config):
     process = common.build_process(config)
     if config.loss.type not in losses.TARGETS:
         raise ValueError(f'loss.type must be one of {losses.TARGETS}, got {config.loss.type!r}')
-    return functools.partial(losses.diffusion_loss, process=process, target=config.loss.type)
+    vlb_weight = config.loss.get('vlb_weight', 0.0)
+    if vlb_weight:
+        train.check_number(config, 'loss.vlb_weight', low=0)
+        losses.check_vlb(process, config.model.get('learned_variance', False))
+    return functools.partial(losses.diffusion_loss, process=process, target=config.loss.type, vlb_weight=vlb_weight)
 
 
 def sampling(config, prior_images=None) -> common.Sampling:
