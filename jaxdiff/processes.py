@@ -108,6 +108,38 @@ class VP:
 
 
 @dataclasses.dataclass(frozen=True)
+class SubVP:
+    """Song et al. 2021's sub-VP SDE (eq. 29; App. B): the mean of VP, a smaller variance,
+    alpha_t = exp(-B_t / 2), sigma_t = 1 - exp(-B_t), B_t = beta_min t + (beta_max - beta_min) t^2 / 2;
+    lambda = -B - 2 log(-expm1(-B)). The inverse solves u / (1 - u)^2 = e^lambda for u = exp(-B):
+    u = 2a / (2a + 1 + sqrt(4a + 1)), a = e^lambda."""
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    variance_preserving = False
+
+    def _B(self, t):
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2
+
+    def logsnr(self, t):
+        B = self._B(t)
+        xp = np if isinstance(B, (np.ndarray, np.generic, float, int)) else jnp
+        return -B - 2 * xp.log(-xp.expm1(-B))
+
+    def t_from_logsnr(self, logsnr):
+        a = np.exp(np.asarray(logsnr, np.float64))
+        B = -np.log(2 * a / (2 * a + 1 + np.sqrt(4 * a + 1)))
+        beta_d = self.beta_max - self.beta_min
+        return (np.sqrt(self.beta_min ** 2 + 2 * beta_d * B) - self.beta_min) / beta_d
+
+    def alpha_sigma(self, t):
+        B = self._B(t)
+        xp = np if isinstance(B, (np.ndarray, np.generic, float, int)) else jnp
+        return xp.exp(-0.5 * B), -xp.expm1(-B)
+
+
+@dataclasses.dataclass(frozen=True)
 class VE:
     """alpha = 1, sigma_t = sigma_min (sigma_max / sigma_min)^t."""
     sigma_min: float = 0.01
@@ -223,8 +255,8 @@ def _np_log(x):
     return (np if isinstance(x, (np.ndarray, np.generic, float, int)) else jnp).log(x)
 
 
-Schedule = Cosine | VP | VE | EDM | Discrete
-SCHEDULES = {'cosine': Cosine, 'vp': VP, 've': VE, 'edm': EDM, 'discrete': Discrete}
+Schedule = Cosine | VP | SubVP | VE | EDM | Discrete
+SCHEDULES = {'cosine': Cosine, 'vp': VP, 'subvp': SubVP, 've': VE, 'edm': EDM, 'discrete': Discrete}
 
 
 def noise_label(schedule, t):

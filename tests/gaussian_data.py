@@ -64,6 +64,7 @@ def exact_flow(x1, sigma1, sigma, m, v):
 PROCESSES = {
     'cosine': processes.GaussianProcess(processes.Cosine()),
     'vp': processes.GaussianProcess(processes.VP()),
+    'subvp': processes.GaussianProcess(processes.SubVP()),
     've': processes.GaussianProcess(processes.VE()),
     'edm': processes.GaussianProcess(processes.EDM()),
     'ddpm': processes.GaussianProcess(processes.Discrete('linear', 1000)),

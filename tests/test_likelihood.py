@@ -444,7 +444,7 @@ def test_bad_arguments_name_the_field():
 # The general form: any process of jaxdiff.processes and a jaxdiff.parameterize model.
 
 MODEL_PROCESSES = {**gaussian_data.PROCESSES, 'ddpm': processes.GaussianProcess(processes.Discrete('linear', 1000))}
-OUTPUTS = {'cosine': 'v', 'vp': 'eps', 've': 'x0', 'edm': 'edm', 'ddpm': 'eps', 'blurring': 'eps'}
+OUTPUTS = {'cosine': 'v', 'vp': 'eps', 'subvp': 'v', 've': 'x0', 'edm': 'edm', 'ddpm': 'eps', 'blurring': 'eps'}
 
 
 def model_marginal(process, t, m, v):
@@ -483,7 +483,7 @@ def model_setup(name, dtype, m=None, v=None):
 def schedule_closed_forms(process, t):
     """(f, c) of the PF-ODE du/dt = f u + c eps_hat from the schedules' formulas, without
     derivatives of scale_sigma: score-SDE's SDE dx = f x dt + g dw (Song et al. 2021, eqs. 31-33)
-    with c = g^2 / (2 sigma); DDPM's lambda' = T (lambda_{n+1} - lambda_n) on [n/T, (n+1)/T); the
+    with c = g^2 / (2 sigma) (sub-VP's g^2 = beta (1 - exp(-2 B)), eq. 29); DDPM's lambda' = T (lambda_{n+1} - lambda_n) on [n/T, (n+1)/T); the
     cosine alpha = cos(theta), sigma = sin(theta), theta = t0 + t (t1 - t0); blurring adds
     d log d_t / dt per frequency."""
     schedule = process.schedule
@@ -491,6 +491,10 @@ def schedule_closed_forms(process, t):
     if isinstance(schedule, processes.VP):
         beta = schedule.beta_min + t * (schedule.beta_max - schedule.beta_min)
         return -beta / 2, beta / (2 * sigma)
+    if isinstance(schedule, processes.SubVP):  # g^2 = beta (1 - exp(-2 B)) (eq. 29)
+        beta = schedule.beta_min + t * (schedule.beta_max - schedule.beta_min)
+        B = schedule.beta_min * t + 0.5 * (schedule.beta_max - schedule.beta_min) * t ** 2
+        return -beta / 2, beta * -np.expm1(-2 * B) / (2 * sigma)
     if isinstance(schedule, processes.VE):
         log_ratio = math.log(schedule.sigma_max / schedule.sigma_min)
         return 0.0, sigma * log_ratio  # g^2 = d sigma^2 / dt = 2 sigma^2 log(sigma_max / sigma_min)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.fft
+import scipy.integrate
 
 from jaxdiff import dct, parameterize, processes, samplers
 from jaxdiff.samplers import grids, steps
@@ -159,3 +160,33 @@ def test_processes_are_hashable_static_arguments_and_validate():
         processes.GaussianProcess(processes.Cosine(logsnr_min=3.0, logsnr_max=1.0))
     with pytest.raises(ValueError, match='schedule on t in'):
         processes.BlurringProcess(processes.EDM())
+
+
+@pytest.mark.parametrize('name', sorted(processes.SCHEDULES))
+def test_every_schedule_inverts_its_logsnr_and_agrees_with_its_alpha_sigma(name):
+    """t_from_logsnr(logsnr(t)) = t (float64, rtol 1e-9: the inverses go through log/sqrt of values
+    near 1 at small t); log(alpha^2 / sigma^2) = logsnr; numpy and jax.numpy give the same logsnr (float32
+    rounding, rtol 1e-5 of max(1, |lambda|))."""
+    schedule = processes.SCHEDULES[name]()
+    t = np.linspace(schedule.t_min, schedule.t_max, 101)[1:-1] if name != 'discrete' else np.arange(1, 1001) / 1000
+    lam = schedule.logsnr(t)
+    np.testing.assert_allclose(schedule.t_from_logsnr(lam), t, rtol=1e-9)
+    alpha, sigma = schedule.alpha_sigma(t)
+    np.testing.assert_allclose(np.log(alpha ** 2 / sigma ** 2), lam, rtol=1e-9, atol=1e-9)
+    lam32 = np.asarray(schedule.logsnr(jnp.asarray(t, jnp.float32)))
+    np.testing.assert_allclose(lam32, lam, atol=1e-5 * np.maximum(1, np.abs(lam)).max())
+
+
+def test_sub_vp_marginals_solve_the_sub_vp_sde_variance_equation():
+    """Song et al. 2021 eq. 29: dx = -beta/2 x dt + sqrt(beta (1 - exp(-2 B))) dw gives mean factor
+    alpha = exp(-B/2) and variance Sigma with dSigma/dt = -beta Sigma + beta (1 - exp(-2 B)), Sigma(0) = 0;
+    integrated by scipy (rtol 1e-10, atol 1e-14 per step) it equals sigma_t^2 = (1 - exp(-B))^2."""
+    schedule = processes.SubVP()
+    beta = lambda t: schedule.beta_min + (schedule.beta_max - schedule.beta_min) * t
+    B = lambda t: schedule.beta_min * t + 0.5 * (schedule.beta_max - schedule.beta_min) * t ** 2
+    rhs = lambda t, y: [-beta(t) * y[0] + beta(t) * (1 - np.exp(-2 * B(t))), -0.5 * beta(t) * y[1]]
+    t = np.linspace(0.01, 1, 12)
+    sol = scipy.integrate.solve_ivp(rhs, (0, 1), [0.0, 1.0], t_eval=t, rtol=1e-10, atol=1e-14)
+    alpha, sigma = schedule.alpha_sigma(t)
+    np.testing.assert_allclose(sol.y[0], sigma ** 2, rtol=1e-7, atol=1e-11)  # the solver's absolute error
+    np.testing.assert_allclose(sol.y[1], alpha, rtol=1e-7)
