@@ -29,8 +29,10 @@ Metrics (`config.eval.metrics`, any subset of `METRICS`):
   'is'    Inception Score (`metrics.inception_score`, 10 splits) from the network's logits.
   'bpd'   bits/dim of `config.eval.bpd_num_images` data images through the probability-flow ODE
           (`likelihood.bits_per_dim`, adaptive RK45, one Rademacher Hutchinson probe, uniform
-          dequantisation) of the process of `config.precond.type` (edm / vp / ve). Needs the
-          denoiser; computed once (it does not depend on the samples' seeds).
+          dequantisation) of the process of `config.precond.type` (edm / vp / ve) for an EDM
+          denoiser, or of the model's own process (`likelihood.bits_per_dim_of_model`: ddpm,
+          score_sde, blurring). Needs the denoiser or model; computed once (it does not depend on
+          the samples' seeds). IHDM has no likelihood.
 
 Features (`config.eval.features`, one of `FEATURES`):
 
@@ -62,6 +64,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -414,14 +417,13 @@ def _log_set(log, kind: str, index: int, sets: int, seeds: str, report: dict) ->
 
 
 def bpd_process(config):
-    """The `likelihood` process (a `samplers.Sampler`) of `config.precond.type` for 'bpd', with
-    the likelihood module's defaults (EDM [0.002, 80], score-SDE's VP and VE); a ValueError naming
-    eval.metrics for any other preconditioning, or a method whose model is not a denoiser."""
+    """The `likelihood` process (a `samplers.Sampler`) of `config.precond.type` for 'bpd' of an EDM
+    denoiser, with the likelihood module's defaults (EDM [0.002, 80], score-SDE's VP and VE); a
+    ValueError naming eval.metrics for any other preconditioning. None for the process methods
+    (no `precond` block): their model's own process is integrated over its [t_min, t_max]."""
     from jaxdiff import likelihood
     if 'precond' not in config:
-        raise ValueError(f"eval.metrics: 'bpd' integrates the probability-flow ODE of a denoiser "
-                         f"D(x, sigma) (method 'edm' with precond.type in {BPD_PROCESSES}); method "
-                         f"{config.get('method')!r} has none in jaxdiff.likelihood yet (drop 'bpd' from eval.metrics)")
+        return None
     processes = {'edm': likelihood.edm_process, 'vp': likelihood.vp_process, 've': likelihood.ve_process}
     kind = config.precond.type
     if kind not in processes:
@@ -433,11 +435,18 @@ def bpd_process(config):
 
 def _bits_per_dim(config, denoise, log) -> dict:
     """bits/dim of eval.bpd_num_images data images (`data.eval_images` with eval.seed) through
-    the PF-ODE of precond.type's process. 8-bit levels (256) except for the digits at their
-    native 8x8, whose 17 levels (0..16) are modelled as such; data not on a 256-level grid
-    (faces, resized digits) are rounded to it first."""
+    the PF-ODE of precond.type's process (an EDM denoiser) or of the model's own process (a
+    `parameterize` model). 8-bit levels (256) except for the digits at their native 8x8, whose
+    17 levels (0..16) are modelled as such; data not on a 256-level grid (faces, resized digits)
+    are rounded to it first."""
     from jaxdiff import likelihood
-    kind, process = config.precond.type, bpd_process(config)
+    process = bpd_process(config)
+    if process is None:  # a model on its process
+        kind = type(denoise.process.schedule).__name__
+        bits_per_dim = functools.partial(likelihood.bits_per_dim_of_model, denoise)
+    else:
+        kind = config.precond.type
+        bits_per_dim = functools.partial(likelihood.bits_per_dim, denoise, process=process)
     n, bs = config.eval.bpd_num_images, config.eval.batch_size
     info = data.dataset_info(config.data)
     x, labels = data.eval_images(config.data, min(n, info.num_examples), seed=config.eval.seed)
@@ -452,8 +461,7 @@ def _bits_per_dim(config, denoise, log) -> dict:
     rows = []
     for start, count in process_share(n, bs):
         idx = np.arange(start, start + bs) % n  # padding: repeats, dropped below
-        out = likelihood.bits_per_dim(denoise, ints[idx], keys[idx], process=process, num_levels=levels,
-                                      labels=None if onehot is None else onehot[idx])
+        out = bits_per_dim(ints[idx], keys[idx], num_levels=levels, labels=None if onehot is None else onehot[idx])
         rows.append(np.stack([np.asarray(v, np.float32) for v in (out.bpd, out.nfe, out.success)], 1)[:count])
     rows = _gather(np.concatenate(rows))
     bpd, nfe, success = rows[:, 0], rows[:, 1], rows[:, 2] > 0
@@ -521,7 +529,8 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
     sample_fn(num, seed): float32 NHWC images in [-1, 1], sample i drawn from seed `seed + i`
       alone (the runner's configured sampler; labels of a conditional model are its choice, best a
       function of the seed). Called with num = eval.batch_size only.
-    denoise: `D(x, sigma, labels)` of the model, needed only for 'bpd'.
+    denoise: `D(x, sigma, labels)` of the model, or a `parameterize` model on its process, needed
+      only for 'bpd'.
     features_fn: images [B, H, W, C] in [-1, 1] -> (features [B, D], logits [B, C]) replacing the
       feature network (tests, other networks): the reference-file path is then taken whatever
       eval.features says.
@@ -543,8 +552,8 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
     if 'bpd' in wanted:
         bpd_process(config)
         if denoise is None:
-            raise ValueError("eval.metrics has 'bpd', which needs the model's denoiser: "
-                             'evaluate_samples(..., denoise=D)')
+            raise ValueError("eval.metrics has 'bpd', which needs the model's denoiser or process model "
+                             "(evaluate_samples(..., denoise=D)); this method has no likelihood (drop 'bpd')")
     # Everything that can fail is loaded before hours of sampling: the reference, the weights.
     ref = ref_path = network = None
     skipped = {}

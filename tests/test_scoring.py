@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import data, evaluate, images, likelihood, metrics, scoring
+from jaxdiff import data, evaluate, images, likelihood, metrics, parameterize, processes, scoring
 from jaxdiff.analytic import GaussianDenoiser
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from configs import blurring as blurring_config, edm  # noqa: E402
+from configs import ddpm as ddpm_config, edm, ihdm as ihdm_config  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -324,6 +324,21 @@ def test_bits_per_dim_metric(tmp_path):
     assert json.loads((tmp_path / 'eval_00000001.json').read_text())['bpd'] == result['bpd']
 
 
+def test_bits_per_dim_metric_of_a_model_on_its_process(tmp_path):
+    """The process methods (no precond block) integrate the model's own process: DDPM's linear
+    betas over [1/T, 1] here, the same figure as likelihood.bits_per_dim_of_model called directly."""
+    config = ddpm_config.get_config()
+    config.eval.metrics, config.eval.bpd_num_images, config.eval.batch_size = ('bpd',), 2, 2
+    process = processes.GaussianProcess(processes.Discrete('linear', 1000))
+    model = parameterize.from_denoiser(digits_denoiser(), process)
+    result = scoring.evaluate_samples(config, no_sampling, step=1, workdir=tmp_path, denoise=model)
+    x, _ = data.eval_images(config.data, 2, seed=0)
+    direct = likelihood.bits_per_dim_of_model(model, np.rint((x + 1) * 8).astype(np.int32),
+                                              jax.random.split(jax.random.key(0), 2), num_levels=17)
+    assert result['bpd'] == pytest.approx(float(np.mean(direct.bpd)), rel=1e-6)
+    assert result['bpd_process'] == 'Discrete' and 2 < result['bpd'] < np.log2(17)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors, raised before any sampling
 
@@ -388,10 +403,10 @@ def test_bpd_needs_a_process_and_a_denoiser():
     config.precond.type = 'iddpm'
     with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*precond\.type.*'iddpm'"):
         scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
-    config = blurring_config.get_config()
+    config = ihdm_config.get_config()
     config.eval.metrics = ('fd', 'bpd')
-    with pytest.raises(ValueError, match=r"eval\.metrics: 'bpd'.*method 'blurring'"):
-        scoring.evaluate_samples(config, no_sampling, step=0, denoise=digits_denoiser())
+    with pytest.raises(ValueError, match=r"'bpd'.*this method has no likelihood"):
+        scoring.evaluate_samples(config, no_sampling, step=0, denoise=None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,4 +48,5 @@ def sampling(config, prior_images=None) -> common.Sampling:
 
 
 def likelihood_model(config, make, module, params):
-    return None  # bits/dim of process models: not in jaxdiff.likelihood yet
+    """The model on its process, whose PF-ODE `scoring` integrates for bits/dim."""
+    return make(module, params)
