@@ -133,8 +133,8 @@ def make_setup(config, module, make_model, loss_fn) -> TrainSetup:
     """The static training setup of a run's config (optimiser, EMA, batch size).
 
     make_model(module, params, *, train, dropout_key) builds what `loss_fn(model, images, key,
-    labels)` trains: a denoiser (`builders.model_factory` of a preconditioning, EDM), an eps model
-    (blurring diffusion) or a heat model (IHDM)."""
+    labels)` trains: a denoiser (`builders.model_factory` of a preconditioning, EDM), a
+    `parameterize` model on a process (ddpm, score_sde, blurring) or a heat model (IHDM)."""
     check_config(config)
     batch_size = config.train.batch_size
     cooldown, total = config.optim.cooldown_images, config.train.total_images

@@ -182,3 +182,25 @@ def test_edm_output_is_edm_preconditioning_of_the_denoiser():
     ours = parameterize.model_from_fn(fn, process, 'edm')(z, sigma).x0
     theirs = precond.denoiser_from_fn(fn)(z, sigma)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_make_model_wraps_a_flax_module_and_needs_a_dropout_key_to_train():
+    import flax.linen as nn
+
+    class Tiny(nn.Module):
+        label_dim: int = 0
+
+        @nn.compact
+        def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, *, train=False):
+            scale = self.param('scale', nn.initializers.ones, ())
+            return scale * x + 0.001 * noise_labels[:, None, None, None]
+
+    module = Tiny()
+    process = processes.GaussianProcess(processes.VP())
+    params = module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,)))['params']
+    model = parameterize.make_model(module, params, process, 'eps')
+    # eps_hat = F(z; 1000 t) = z + t at z = 0.
+    np.testing.assert_allclose(model(jnp.zeros((2, 4, 4, 1)), jnp.array([0.5, 1.0])).eps[:, 0, 0, 0], [0.5, 1.0],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match='dropout_key'):
+        parameterize.make_model(module, params, process, train=True)
