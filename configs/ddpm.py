@@ -5,6 +5,7 @@
              'trailing' respaced steps (the full 1000 cost 10x the time). Any solver samples the same
              checkpoint: --config.sample.solver=ddim --config.sample.num_steps=50 --config.sample.eta=0,
              or --config.sample.solver=dpmpp_2m --config.sample.num_steps=10 --config.sample.discretization=logsnr.
+  digits_cond  the digits class-conditional (label dropout 0.1), scored at guidance 1, 1.5, 2, 3.
   cifar10    Ho et al.'s CIFAR-10 run: linear betas, T 1000, Adam 2e-4 with 5k warm-up steps, batch 128,
              dropout 0.1, gradient clipping 1, EMA 0.9999, 800k steps; 1000 ancestral steps with
              sigma_t^2 = beta_t ('fixed_large', their CIFAR-10 choice). Network: EDM's SongUNet in the
@@ -34,6 +35,14 @@ def digits(c):
     c.sample.num_steps = 100
     c.sample.discretization = 'ddpm'
     c.sample.spacing = 'trailing'
+
+
+def digits_cond(c):
+    """Class-conditional digits, label dropout 0.1, scored at guidance 1, 1.5, 2 and 3 with DDIM
+    (eta 0) on 25 steps (25 evaluations, 50 when guided) to keep the sweep short."""
+    digits(c)
+    default.digits_cond(c)
+    c.sample.solver, c.sample.num_steps = 'ddim', 25
 
 
 def cifar10(c):
@@ -83,7 +92,7 @@ def cifar10_cosine(c):
     c.eval.num_samples, c.eval.seed_sets = 50_000, 1
 
 
-PRESETS = {'digits': digits, 'cifar10': cifar10, 'cifar10_cosine': cifar10_cosine}
+PRESETS = {'digits': digits, 'digits_cond': digits_cond, 'cifar10': cifar10, 'cifar10_cosine': cifar10_cosine}
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.type = 'SongUNet'
     c.model.kwargs = ml_collections.ConfigDict()
     c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+    c.model.label_dropout = 0.0  # training: P(label -> null label) per image, for classifier-free guidance
 
     # Loss (jaxdiff/losses.py): each method sets its type and fields.
     c.loss = ml_collections.ConfigDict()
@@ -78,6 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.variance = 'fixed_small'  # ancestral: fixed_small fixed_large learned_range
     c.sample.snr = 0.16  # pc
     c.sample.corrector_steps = 1  # pc
+    # Class-conditional models (data.use_labels): classifier-free guidance eps_u + s (eps_c - eps_u),
+    # s = 1 none (Ho & Salimans' w = s - 1), optionally only for noise levels sigma/alpha in
+    # guidance_interval = (lo, hi) (Kynkaenniemi et al. 2024); sample with seed k gets class
+    # labels[k % len(labels)] (empty: every class in turn).
+    c.sample.guidance = 1.0
+    c.sample.guidance_interval = ml_collections.config_dict.placeholder(tuple)
+    c.sample.labels = ()
     # Evaluation (jaxdiff/scoring.py): --mode=eval, after training (after_training), --mode=ref.
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 1024  # samples per seed set
@@ -94,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256  # per process, for sampling and features
     c.eval.bpd_num_images = 1024
     c.eval.after_training = True
+    c.eval.guidance_sweep = ()  # e.g. (1, 1.5, 2, 3): a conditional digits model scored at each guidance scale
 
     # Device mesh ('data', 'fsdp'): -1 = all remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -133,6 +142,14 @@ def digits(c):
     c.ema.rampup_ratio = 0.2
     c.sample.num_samples = 100  # the PNG grid (10 x 10); eval draws eval.num_samples
     c.eval.num_samples = 1024
+
+
+def digits_cond(c):
+    """Class-conditional digits with classifier-free guidance: labels dropped with probability 0.1
+    in training (Ho & Salimans 2022), and the evaluation swept over guidance scales."""
+    c.data.use_labels = True
+    c.model.label_dropout = 0.1
+    c.eval.guidance_sweep = (1.0, 1.5, 2.0, 3.0)
 
 
 def cifar10_data(c):

@@ -130,7 +130,8 @@ def fd_floor_at(fd_halves: float, num_real: int, num_samples: int) -> float:
 MANIFOLD_METRICS = ('precision', 'recall', 'density', 'coverage')
 
 
-def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, real_labels=None) -> dict:
+def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, real_labels=None,
+                  sample_labels=None) -> dict:
     """Score generated 8x8 digits [N, 8, 8, 1] in [-1, 1] against real ones [M, 8, 8, 1].
 
     The floors come from `num_splits` random splits of the real images into disjoint halves A, B
@@ -161,7 +162,14 @@ def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, 
       `class_balance` = class_entropy / ln 10 (1 for uniform, 0 for a single class);
     - `mean_confidence`: the mean over samples of the classifier's largest softmax probability
       (near 1 for clean digits, low for images no class explains);
-    - `real_accuracy` (only with `real_labels`): the classifier's accuracy on the real images.
+    - `real_accuracy` (only with `real_labels`): the classifier's accuracy on the real images;
+    - `per_class_fd` (only with `real_labels`): for each class c, the FD of the samples of class c
+      against the real images labelled c, the samples' class being the requested one
+      (`sample_labels`, a conditional model) or else the classifier's argmax (`per_class_fd_by`);
+      nan for a class with fewer than 2 samples. Small sets (~N/10 per class) bias FD upwards, so
+      compare it between runs of the same N, not with `fd`;
+    - `label_agreement` (only with `sample_labels`): the fraction of samples the classifier puts
+      in the class they were drawn for.
     """
     samples, real_images = np.asarray(samples, np.float32), np.asarray(real_images, np.float32)
     for name, images in (('samples', samples), ('real_images', real_images)):
@@ -223,6 +231,18 @@ def digits_report(samples, real_images, *, seed: int = 0, num_splits: int = 10, 
         'class_balance': entropy / math.log(len(histogram)),
         'mean_confidence': float(confidence.mean()),
     })
+    predicted = sample_logits.argmax(-1)
+    if sample_labels is not None:
+        report['label_agreement'] = float(np.mean(predicted == np.asarray(sample_labels)))
     if real_labels is not None:
-        report['real_accuracy'] = float(np.mean(real_logits.argmax(-1) == np.asarray(real_labels)))
+        real_labels = np.asarray(real_labels)
+        report['real_accuracy'] = float(np.mean(real_logits.argmax(-1) == real_labels))
+        sample_class = predicted if sample_labels is None else np.asarray(sample_labels)
+        per_class = []
+        for c in range(sample_logits.shape[-1]):
+            fake, real = sample_features[sample_class == c], real_features[real_labels == c]
+            per_class.append(frechet_distance(*feature_statistics(fake), *feature_statistics(real))
+                             if len(fake) >= 2 and len(real) >= 2 else float('nan'))
+        report['per_class_fd'] = per_class
+        report['per_class_fd_by'] = 'classifier' if sample_labels is None else 'requested label'
     return report

@@ -54,6 +54,11 @@ def sample_images(module, params, precond, sampler: samplers.Sampler, num: int, 
                        labels=labels, progress=progress)
 
 
-def balanced_labels(num: int, num_classes: int) -> np.ndarray:
-    """One-hot labels cycling through the classes: sample i gets class i mod num_classes."""
-    return np.eye(num_classes, dtype=np.float32)[np.arange(num) % num_classes]
+def labels_for_seeds(seeds, num_classes: int, classes=None) -> np.ndarray:
+    """One-hot labels [len(seeds), num_classes] that depend on each sample's seed alone: seed s gets
+    class classes[s mod len(classes)] (`sample.labels`; default all classes, so any num_classes
+    consecutive seeds cover every class once). A ValueError names a class out of range."""
+    classes = np.arange(num_classes) if classes is None or len(classes) == 0 else np.asarray(classes)
+    if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer) or classes.min() < 0 or classes.max() >= num_classes:
+        raise ValueError(f'sample.labels must be class indices in [0, {num_classes}), got {classes.tolist()}')
+    return np.eye(num_classes, dtype=np.float32)[classes[np.asarray(seeds) % len(classes)]]

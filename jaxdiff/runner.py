@@ -19,6 +19,7 @@ Mistakes are ValueErrors (or the errors below) with one-line messages, which lau
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import pathlib
@@ -38,6 +39,9 @@ from jaxdiff.monitor import log
 TRAJECTORY_FREE = ('preset', 'sample', 'eval', 'mesh', 'data.data_dir', 'train.total_images',
                    'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
                    'train.sample_every_steps', 'train.allow_config_change')
+# Fields added to the configs after runs were made with them absent, and the value that behaves as
+# their absence did: an older workdir resumes unless the field was set to something else.
+ADDED_FIELDS = {'model.label_dropout': 0.0, 'loss.vlb_weight': 0.0}
 MAX_CHANGES_SHOWN = 8
 
 
@@ -82,6 +86,8 @@ def prepare(config, workdir) -> Run:
     data.validate(config.data)
     info = data.dataset_info(config.data)
     label_dim = info.num_classes if config.data.use_labels else 0
+    if label_dim:
+        generate.labels_for_seeds([0], label_dim, config.sample.get('labels'))  # validates sample.labels
     module = builders.build_module(config, label_dim=label_dim)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.check_batch_size(config.train.batch_size, mesh)
@@ -160,12 +166,15 @@ def _show(value) -> str:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'field old -> new' for every field outside TRAJECTORY_FREE in which two configs (plain
-    dicts, as JSON stores them) differ, a field missing on one side included; sorted by field."""
+    dicts, as JSON stores them) differ, a field missing on one side included (one of ADDED_FIELDS
+    missing counts as its neutral value); sorted by field."""
     saved, current = _flatten(_as_json(saved)), _flatten(_as_json(current))
     free = lambda field: any(field == f or field.startswith(f + '.') for f in TRAJECTORY_FREE)
     changes = []
     for field in sorted(set(saved) | set(current)):
         old, new = saved.get(field, _ABSENT), current.get(field, _ABSENT)
+        if field in ADDED_FIELDS:
+            old, new = (ADDED_FIELDS[field] if v is _ABSENT else v for v in (old, new))
         if not free(field) and (old is _ABSENT or new is _ABSENT or old != new):
             changes.append(f'{field} {_show(old)} -> {_show(new)}')
     return changes
@@ -372,8 +381,8 @@ def _write_samples(run: Run, samples: np.ndarray, step: int, prefix: str = '', *
     out.mkdir(parents=True, exist_ok=True)
     npz_path, grid_path = paths or _sample_paths(run, step, prefix)
     arrays = {'images': images.to_uint8(samples)}
-    if run.label_dim:
-        arrays['labels'] = generate.balanced_labels(len(samples), run.label_dim).argmax(1)
+    if run.label_dim:  # the classes the samples were drawn for (`_labels`, from sample.seed on)
+        arrays['labels'] = _labels(run, run.config.sample.seed, len(samples)).argmax(1)
     wd.write_atomically(npz_path, lambda f: np.savez(f, **arrays))
     grid = images.image_grid(samples if grid_samples is None else grid_samples,
                              upscale=max(1, 64 // run.info.resolution))
@@ -403,16 +412,22 @@ def _sample_grid(run: Run, ema_params, step: int, writer=None, num: int = 64) ->
     return samples
 
 
-def _sample(run: Run, params, num: int, seed: int | None = None, timing: dict | None = None):
-    """`num` samples (sample i from seed `seed + i`). `timing`, if given, receives the seconds of
-    the first batch (compilation included) and of the rest."""
+def _labels(run: Run, seed: int, num: int) -> np.ndarray:
+    """One-hot labels of samples seed .. seed + num - 1: `sample.labels` cycled by seed, or every class."""
+    return generate.labels_for_seeds(np.arange(seed, seed + num), run.label_dim, run.config.sample.get('labels'))
+
+
+def _sample(run: Run, params, num: int, seed: int | None = None, timing: dict | None = None, sampling=None):
+    """`num` samples (sample i from seed `seed + i`) with the run's sampling (or `sampling`).
+    `timing`, if given, receives the seconds of the first batch (compilation included) and of the rest."""
     config = run.config
-    labels = generate.balanced_labels(num, run.label_dim) if run.label_dim else None
+    sampling = run.sampling if sampling is None else sampling
     seed = config.sample.seed if seed is None else seed
+    labels = _labels(run, seed, num) if run.label_dim else None
     batch_size = min(config.sample.batch_size, num)
     marks = []
     try:
-        samples = generate.sample_many(run.sampling.draw, run.module, params, num, image_shape=run.image_shape,
+        samples = generate.sample_many(sampling.draw, run.module, params, num, image_shape=run.image_shape,
                                        seed=seed, batch_size=batch_size, labels=labels,
                                        progress=lambda done, total, seconds: marks.append((done, seconds)))
     except jax.errors.JaxRuntimeError as e:
@@ -441,6 +456,29 @@ def _log_sampling(run: Run, num: int, timing: dict) -> None:
     log.info(text)
 
 
+SWEEP_FIELDS = ('fd', 'kid', 'precision', 'recall', 'label_agreement', 'per_class_fd')
+
+
+def _guidance_sweep(run: Run, params, labels_fn) -> list[dict]:
+    """eval.guidance_sweep: for each guidance scale s, eval.num_samples samples from eval.seed with
+    sample.guidance = s, scored on the digits (SWEEP_FIELDS)."""
+    config, rows = run.config, []
+    n, seed = config.eval.num_samples, config.eval.seed
+    for s in config.eval.guidance_sweep:
+        swept = copy.deepcopy(config)
+        swept.sample.guidance = float(s)
+        sampling = builders.build_sampling(swept)
+        start = time.perf_counter()
+        samples = _sample(run, params, n, seed=seed, sampling=sampling)
+        report = scoring.score_digits(config, samples, labels_fn(np.arange(seed, seed + n)))
+        rows.append({'guidance': float(s), **{k: report[k] for k in SWEEP_FIELDS},
+                     'seconds': time.perf_counter() - start})
+        log.info('Guidance %g (seeds %d-%d, %s): FD %.3f, KID %.3f, precision %.3f, recall %.3f, label '
+                 'agreement %.3f', s, seed, seed + n - 1, sampling.description, report['fd'], report['kid'],
+                 report['precision'], report['recall'], report['label_agreement'])
+    return rows
+
+
 def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = '', strict: bool = True) -> dict:
     """Score samples with `scoring.evaluate_samples` (config.eval: metrics, seed sets; writes
     eval_<step>.json) and write the first set's samples (`samples/<prefix>samples_<step>.npz`) and a
@@ -460,12 +498,17 @@ def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = 
     denoise = methods.get(config).likelihood_model(config, run.make_model, run.module, params)
     paths = _sample_paths(run, step, prefix)
     run_info = {'sampler': run.sampling.description, 'num_evals': run.sampling.num_evals}
+    labels_fn = None
+    if run.label_dim:
+        labels_fn = lambda seeds: generate.labels_for_seeds(seeds, run.label_dim, config.sample.get('labels')).argmax(1)
+        if config.eval.get('guidance_sweep'):
+            run_info['guidance_sweep'] = _guidance_sweep(run, params, labels_fn)
     if (set(config.eval.metrics) & set(scoring.SAMPLE_METRICS) and config.eval.seed == config.sample.seed
             and config.eval.num_samples >= config.sample.num_samples):  # the .npz will hold the scored set
         run_info['samples_file'] = str(paths[0].relative_to(run.workdir))
     try:
         result = scoring.evaluate_samples(config, sample_fn, step=step, workdir=run.workdir if run.is_main else None,
-                                          denoise=denoise, run_info=run_info)
+                                          denoise=denoise, run_info=run_info, labels_fn=labels_fn)
     except (ValueError, FileNotFoundError) as e:
         if strict:
             raise

@@ -383,10 +383,13 @@ def _score_features(config, pool, logits, ref: Reference | None, wanted) -> dict
     return report
 
 
-def _score_digits(config, samples, wanted) -> dict:
+def score_digits(config, samples, sample_labels=None, wanted=()) -> dict:
+    """`evaluate.digits_report` of `samples` against all the embedded digits (with their labels);
+    'is' in `wanted` adds the classifier's Inception-Score analogue."""
     from jaxdiff import evaluate
-    real, _ = data.eval_images(config.data, data.dataset_info(config.data).num_examples)
-    report = evaluate.digits_report(samples, real, seed=config.eval.seed)
+    real, real_labels = data.eval_images(config.data, data.dataset_info(config.data).num_examples)
+    report = evaluate.digits_report(samples, real, seed=config.eval.seed, real_labels=real_labels,
+                                    sample_labels=sample_labels)
     if 'is' in wanted:
         _, logits = evaluate.digits_features(samples, batch_size=config.eval.batch_size)
         report['is'], report['is_std'] = metrics.inception_score(logits, splits=min(IS_SPLITS, len(logits)))
@@ -520,6 +523,7 @@ def _over_sets(sets: list[dict]) -> dict:
 
 def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, step: int, workdir=None,
                      denoise=None, features_fn: FeaturesFn | None = None, run_info: dict | None = None,
+                     labels_fn: Callable | None = None,
                      log: Callable = _logger.info) -> dict:
     """Sample `config.eval.seed_sets` sets of `config.eval.num_samples` images and score them with
     `config.eval.metrics` on the features of `config.eval.features` (module docstring); write
@@ -534,6 +538,8 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
     features_fn: images [B, H, W, C] in [-1, 1] -> (features [B, D], logits [B, C]) replacing the
       feature network (tests, other networks): the reference-file path is then taken whatever
       eval.features says.
+    labels_fn(seeds) -> class indices: the classes a conditional model's samples were drawn for
+      (digits: `label_agreement`, and `per_class_fd` by requested class).
     run_info: JSON-able fields recorded with the run fields (e.g. the sampler's description and
       network evaluations per sample).
     log: `log(fmt, *args)` for progress lines.
@@ -579,7 +585,8 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
         log('Sampled%s %d images (seeds %s) in %.1f s: %.1f images/s', ' and featurised' if network else '',
             n, seed_range, seconds, n / seconds)
         if kind == 'digits':
-            report = _score_digits(config, samples, sample_metrics)
+            requested = None if labels_fn is None else np.asarray(labels_fn(np.arange(seed, seed + n)))
+            report = score_digits(config, samples, requested, sample_metrics)
         else:
             report = _score_features(config, pool, logits, ref, sample_metrics - set(skipped))
         _log_set(log, kind, j, sets_count, seed_range, report)

@@ -49,6 +49,7 @@ class TrainSetup:
     ema_halflife_images: float
     ema_rampup_ratio: float
     use_labels: bool = False
+    label_dropout: float = 0.0     # P(a label is replaced by the null label, zeros) per image, for CFG
 
 
 def learning_rate(step, *, lr: float, batch_size: int, warmup_images: float,
@@ -124,6 +125,8 @@ def check_config(config) -> None:
     check_number(config, 'optim.eps', low=0, low_open=True)
     check_number(config, 'train.batch_size', low=1, integer=True)
     check_number(config, 'train.total_images', low=1, integer=True)
+    if 'label_dropout' in config.model:
+        check_number(config, 'model.label_dropout', low=0, high=1)
     cooldown, total = config.optim.cooldown_images, config.train.total_images
     if not 0 <= cooldown <= total:
         raise ValueError(f'optim.cooldown_images={cooldown} must lie in [0, train.total_images={total}]')
@@ -144,7 +147,7 @@ def make_setup(config, module, make_model, loss_fn) -> TrainSetup:
     return TrainSetup(module=module, make_model=make_model, loss_fn=loss_fn, lr_schedule=schedule,
                       optimizer=make_optimizer(config.optim), batch_size=batch_size,
                       ema_halflife_images=config.ema.halflife_images, ema_rampup_ratio=config.ema.rampup_ratio,
-                      use_labels=config.data.use_labels)
+                      use_labels=config.data.use_labels, label_dropout=config.model.get('label_dropout', 0.0))
 
 
 def init_state(setup: TrainSetup, key, image_shape, label_dim: int = 0) -> TrainState:
@@ -158,11 +161,20 @@ def init_state(setup: TrainSetup, key, image_shape, label_dim: int = 0) -> Train
                       opt_state=setup.optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
 
 
+def drop_labels(labels, key, rate: float):
+    """Classifier-free guidance's training: each image's one-hot label becomes the null label (zeros)
+    with probability `rate` (Ho & Salimans 2022, Alg. 1), independently per image."""
+    keep = jax.random.uniform(key, (labels.shape[0],)) >= rate
+    return labels * keep[:, None].astype(labels.dtype)
+
+
 def loss_and_grads(setup: TrainSetup, params, batch, key):
     """The objective: sum of the per-element loss over the batch / batch size (EDM's), and its gradient.
     Returns (objective, mean per-element loss, gradients)."""
     noise_key, dropout_key = jax.random.split(key)
     labels = batch.get('label') if setup.use_labels else None
+    if labels is not None and setup.label_dropout > 0:
+        labels = drop_labels(labels, jax.random.fold_in(key, 2), setup.label_dropout)
 
     def objective(params):
         model = setup.make_model(setup.module, params, train=True, dropout_key=dropout_key)

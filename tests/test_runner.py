@@ -365,6 +365,16 @@ def test_config_differences_name_the_trajectory_fields_only():
     assert not [d for d in diffs if d.startswith(('sample.', 'eval.'))]
 
 
+def test_a_field_added_since_a_run_resumes_at_its_neutral_value_only():
+    saved = tiny_config().to_dict()
+    saved['model'].pop('label_dropout', None)
+    current = tiny_config()
+    current.model.label_dropout = 0.0
+    assert runner.config_differences(saved, current) == []
+    current.model.label_dropout = 0.1
+    assert runner.config_differences(saved, current) == ['model.label_dropout 0.0 -> 0.1']
+
+
 def test_changed_config_is_refused_before_anything_is_written(tmp_path):
     fake_checkpoint(tmp_path, tiny_config())
     before = sorted(os.listdir(tmp_path))
@@ -639,3 +649,47 @@ def test_two_processes_match_one(tmp_path, cache_env, coordinator_address, proce
     restored = flat(state)
     for k in restored:
         np.testing.assert_array_equal(restored[k], p0[k], err_msg=k)
+
+
+def test_conditional_run_sweeps_guidance_and_scores_the_requested_classes(tmp_path):
+    """edm.py:digits_cond in miniature: label dropout trains, the evaluation runs the guidance sweep
+    (one row per scale with FD, label agreement and per-class FD), the samples file records the
+    class each sample was drawn for, and `sample.labels` picks the classes."""
+    config = tiny_config(4)
+    config.data.use_labels, config.model.label_dropout = True, 0.1
+    config.eval.guidance_sweep = (1.0, 2.0)
+    runner.train_and_evaluate(config, tmp_path)
+    runner.eval_mode(config, tmp_path)
+    report = json.loads((tmp_path / 'eval_00000004.json').read_text())
+    assert [row['guidance'] for row in report['guidance_sweep']] == [1.0, 2.0]
+    for row in report['guidance_sweep'] + [report]:
+        assert 0 <= row['label_agreement'] <= 1 and len(row['per_class_fd']) == 10
+    assert report['per_class_fd_by'] == 'requested label'
+    config.sample.labels, config.sample.guidance = (3, 7), 2.0
+    written = runner.sample_mode(config, tmp_path)['samples_file']
+    with np.load(written) as f:
+        np.testing.assert_array_equal(f['labels'], np.resize([3, 7], 16))
+
+
+def test_guidance_config_errors_name_the_field(tmp_path):
+    config = tiny_config(4)
+    config.sample.guidance = 2.0
+    with pytest.raises(ValueError, match=r'sample\.guidance=2\.0 guides a class-conditional model: it needs data\.use_labels=True'):
+        runner.prepare(config, tmp_path / 'a')
+    config.data.use_labels, config.sample.guidance_interval = True, (1.0, 0.5)
+    with pytest.raises(ValueError, match=r'sample\.guidance_interval must be \(lo, hi\)'):
+        runner.prepare(config, tmp_path / 'b')
+    config.sample.guidance_interval, config.sample.labels = None, (3, 12)
+    with pytest.raises(ValueError, match=r'sample\.labels must be class indices in \[0, 10\)'):
+        runner.prepare(config, tmp_path / 'c')
+    config.sample.labels, config.model.label_dropout = (), 1.5
+    with pytest.raises(ValueError, match=r'model\.label_dropout must be in \[0, 1\]'):
+        runner.prepare(config, tmp_path / 'd')
+
+
+def test_a_samples_label_depends_on_its_seed_alone():
+    from jaxdiff import generate
+    whole = generate.labels_for_seeds(np.arange(100, 130), 10)
+    np.testing.assert_array_equal(whole.argmax(1), np.arange(100, 130) % 10)
+    np.testing.assert_array_equal(generate.labels_for_seeds(np.arange(117, 121), 10), whole[17:21])
+    np.testing.assert_array_equal(generate.labels_for_seeds([4, 5, 6], 10, (3, 7)).argmax(1), [3, 7, 3])

@@ -592,3 +592,14 @@ def test_batch_size_must_be_positive():
     then fails in data.train_iterator with a message that does not name train.batch_size."""
     with pytest.raises(ValueError, match=r'train\.batch_size'):
         parallel.check_batch_size(0, parallel.make_mesh(-1, 1))
+
+
+def test_label_dropout_drops_at_the_configured_rate_per_image():
+    """Over 200,000 images the dropped fraction is within 5 binomial standard errors of the rate
+    (0.1: sd 6.7e-4); a dropped label is all zeros (the null label), a kept one is untouched."""
+    labels = jnp.eye(10, dtype=jnp.float32)[jnp.arange(200_000) % 10]
+    out = np.asarray(train.drop_labels(labels, jax.random.key(3), 0.1))
+    dropped = out.sum(1) == 0
+    assert abs(dropped.mean() - 0.1) < 5 * np.sqrt(0.1 * 0.9 / 200_000)
+    np.testing.assert_array_equal(out[~dropped], np.asarray(labels)[~dropped])
+    assert np.asarray(train.drop_labels(labels[:100], jax.random.key(3), 0.0)).sum(1).min() == 1  # rate 0 drops none

@@ -78,12 +78,41 @@ def model_factory(config, process) -> Callable:
     return functools.partial(parameterize.make_model, process=process, **kwargs)
 
 
+def guidance(config) -> tuple[float, tuple | None]:
+    """(s, interval) of `sample.guidance` (s = 1: none) and `sample.guidance_interval` ((lo, hi)
+    noise levels sigma / alpha, or None: everywhere); a ValueError naming the field."""
+    s = config.sample.get('guidance', 1.0)
+    interval = config.sample.get('guidance_interval', None)
+    if s != 1.0:
+        from jaxdiff import train
+        train.check_number(config, 'sample.guidance')
+        if not config.data.use_labels:
+            raise ValueError(f'sample.guidance={s} guides a class-conditional model: it needs data.use_labels=True')
+    if interval is not None:
+        interval = tuple(float(v) for v in interval)
+        if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+            raise ValueError(f'sample.guidance_interval must be (lo, hi) noise levels with 0 <= lo < hi, got {interval}')
+    return float(s), interval
+
+
+def guided(config, model):
+    """The model with classifier-free guidance (`parameterize.Guided`) when sample.guidance != 1."""
+    s, interval = guidance(config)
+    if s == 1.0:
+        return model
+    return parameterize.Guided(samplers.bind(model)[0], s, interval)
+
+
 def sampling(config, make: Callable, *, wrap=lambda model: model) -> Sampling:
-    """Draw with `build_sampler(config)` from unit-normal latents of each sample's key."""
+    """Draw with `build_sampler(config)` from unit-normal latents of each sample's key, with
+    classifier-free guidance when `sample.guidance` != 1 (each guided step evaluates the network
+    on the conditional and the null label: twice the network work, same step count)."""
     sampler = build_sampler(config)
+    s, _ = guidance(config)
 
     def draw(module, params, keys, labels, image_shape):
         latents = samplers.latents_from_keys(keys, tuple(image_shape))
-        return samplers.sample(sampler, wrap(make(module, params)), latents, keys, labels)
-    return Sampling(draw, sampler.num_steps, sampler.num_evals,
-                    f'{sampler.solver} {sampler.num_steps} steps ({sampler.discretization} grid)')
+        return samplers.sample(sampler, guided(config, wrap(make(module, params))), latents, keys, labels)
+    description = f'{sampler.solver} {sampler.num_steps} steps ({sampler.discretization} grid)'
+    return Sampling(draw, sampler.num_steps, sampler.num_evals * (2 if s != 1.0 else 1),
+                    description + (f', guidance {s:g}' if s != 1.0 else ''))

@@ -24,6 +24,8 @@ def build_process(config) -> ihdm.HeatDissipation:
 
 def check(config) -> None:
     loss(config)
+    if config.sample.get('guidance', 1.0) != 1.0:
+        raise ValueError('sample.guidance: IHDM has no classifier-free guidance (its model is not a Gaussian denoiser)')
     process = build_process(config)
     if config.sample.num_steps != process.K:
         raise ValueError(f'sample.num_steps must equal process.K = {process.K} for method ihdm (its sampler '
