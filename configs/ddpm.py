@@ -6,6 +6,7 @@
              checkpoint: --config.sample.solver=ddim --config.sample.num_steps=50 --config.sample.eta=0,
              or --config.sample.solver=dpmpp_2m --config.sample.num_steps=10 --config.sample.discretization=logsnr.
   digits_cond  the digits class-conditional (label dropout 0.1), scored at guidance 1, 1.5, 2, 3.
+  digits_convnext, digits_uvit, digits_dit  the digits on the other networks (`default.digits_network`).
   cifar10    Ho et al.'s CIFAR-10 run: linear betas, T 1000, Adam 2e-4 with 5k warm-up steps, batch 128,
              dropout 0.1, gradient clipping 1, EMA 0.9999, 800k steps; 1000 ancestral steps with
              sigma_t^2 = beta_t ('fixed_large', their CIFAR-10 choice). Network: EDM's SongUNet in the
@@ -35,6 +36,24 @@ def digits(c):
     c.sample.num_steps = 100
     c.sample.discretization = 'ddpm'
     c.sample.spacing = 'trailing'
+
+
+def digits_convnext(c):
+    """The ConvNeXt U-Net of the DDPM tutorials on the digits (0.83M; `default.digits_network`)."""
+    digits(c)
+    default.digits_network(c, 'convnext_unet')
+
+
+def digits_uvit(c):
+    """Simple diffusion's U-ViT on the digits (0.83M; `default.digits_network`)."""
+    digits(c)
+    default.digits_network(c, 'uvit')
+
+
+def digits_dit(c):
+    """A small DiT (patch 2, hidden 128, depth 4) on the digits (1.27M; `default.digits_network`)."""
+    digits(c)
+    default.digits_network(c, 'dit')
 
 
 def digits_cond(c):
@@ -92,7 +111,9 @@ def cifar10_cosine(c):
     c.eval.num_samples, c.eval.seed_sets = 50_000, 1
 
 
-PRESETS = {'digits': digits, 'digits_cond': digits_cond, 'cifar10': cifar10, 'cifar10_cosine': cifar10_cosine}
+PRESETS = {'digits': digits, 'digits_cond': digits_cond, 'digits_convnext': digits_convnext,
+           'digits_uvit': digits_uvit, 'digits_dit': digits_dit, 'cifar10': cifar10,
+           'cifar10_cosine': cifar10_cosine}
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:

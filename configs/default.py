@@ -144,6 +144,19 @@ def digits(c):
     c.eval.num_samples = 1024
 
 
+def digits_network(c, name):
+    """The other networks on the 8x8 digits at about the SongUNet default's size (0.75M):
+    'convnext_unet' 0.83M (C 20, mults 1-2-2), 'uvit' 0.83M (one conv level of 32 channels, then
+    4 transformer blocks of 96 channels on the 4x4 tokens), 'dit' 1.27M (patch 2, 16 tokens,
+    hidden 128, depth 4, 4 heads)."""
+    kwargs = {'convnext_unet': dict(model_channels=20, channel_mult=(1, 2, 2)),
+              'uvit': dict(model_channels=32, channel_mult=(1,), num_blocks=1, transformer_channels=96,
+                           num_transformer_blocks=4, num_heads=4),
+              'dit': dict(patch_size=2, hidden_size=128, depth=4, num_heads=4)}[name]
+    c.model.type = name
+    c.model.kwargs = ml_collections.ConfigDict(kwargs)
+
+
 def digits_cond(c):
     """Class-conditional digits with classifier-free guidance: labels dropped with probability 0.1
     in training (Ho & Salimans 2022), and the evaluation swept over guidance scales."""

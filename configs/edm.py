@@ -3,6 +3,7 @@
   (default)    DDPM++ (0.75M parameters) on the embedded sklearn digits, 8x8: trains on 200k
                images, samples and scores on 2 CPU cores in about 8 minutes.
   digits_cond  the digits class-conditional (label dropout 0.1), scored at guidance 1, 1.5, 2, 3.
+  digits_convnext, digits_uvit, digits_dit  the digits on the other networks (`default.digits_network`).
   cifar10      the paper's unconditional CIFAR-10 setting (EDM preconditioning and loss, DDPM++).
   cifar10_cond the same, class-conditional.
   ffhq64       FFHQ 64x64, DDPM++ (paper: 40-step Heun sampling, 79 evaluations).
@@ -37,6 +38,24 @@ def digits(c):
     c.sample.S_churn = 40.0
     c.sample.S_min = 0.01
     c.sample.S_max = 1.0
+
+
+def digits_convnext(c):
+    """The ConvNeXt U-Net of the DDPM tutorials on the digits (0.83M; `default.digits_network`)."""
+    digits(c)
+    default.digits_network(c, 'convnext_unet')
+
+
+def digits_uvit(c):
+    """Simple diffusion's U-ViT on the digits (0.83M; `default.digits_network`)."""
+    digits(c)
+    default.digits_network(c, 'uvit')
+
+
+def digits_dit(c):
+    """A small DiT (patch 2, hidden 128, depth 4) on the digits (1.27M; `default.digits_network`)."""
+    digits(c)
+    default.digits_network(c, 'dit')
 
 
 def digits_cond(c):
@@ -101,8 +120,9 @@ def imagenet64(c):
     c.augment_p = 0.0
 
 
-PRESETS = {'digits': digits, 'digits_cond': digits_cond, 'cifar10': cifar10, 'cifar10_cond': cifar10_cond, 'ffhq64': ffhq64,
-           'afhqv2_64': afhqv2_64, 'imagenet64': imagenet64}
+PRESETS = {'digits': digits, 'digits_cond': digits_cond, 'digits_convnext': digits_convnext,
+           'digits_uvit': digits_uvit, 'digits_dit': digits_dit, 'cifar10': cifar10,
+           'cifar10_cond': cifar10_cond, 'ffhq64': ffhq64, 'afhqv2_64': afhqv2_64, 'imagenet64': imagenet64}
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:

@@ -28,7 +28,6 @@ def build_module(config, *, label_dim: int = 0):
         module = nets.build(config.model.type, img_resolution=config.data.resolution, in_channels=channels,
                             out_channels=methods.get(config).out_channels(config, channels), label_dim=label_dim,
                             dtype=None if config.model.dtype == 'float32' else DTYPES[config.model.dtype], **kwargs)
-        nets.check_group_norm_channels(kwargs.get('model_channels'), kwargs.get('channel_mult', ()))
     except TypeError as e:  # an unknown keyword argument of the network
         raise ValueError(f'model.kwargs: {e}') from None
     except ValueError as e:

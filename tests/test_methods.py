@@ -18,7 +18,7 @@ from jaxdiff.methods import ihdm as ihdm_method
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from configs import blurring, ddpm, ihdm as ihdm_config, score_sde  # noqa: E402
+from configs import blurring, ddpm, dit as dit_config, edm as edm_config, ihdm as ihdm_config, score_sde  # noqa: E402
 
 BATCH = 16
 pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'),
@@ -146,7 +146,8 @@ def test_the_empty_preset_is_digits_and_an_unknown_one_names_the_file(module, me
         module.get_config('cifar100')
 
 
-@pytest.mark.parametrize('module, preset', [(m, p) for m in (blurring, ihdm_config, ddpm, score_sde) for p in m.PRESETS])
+@pytest.mark.parametrize('module, preset', [(m, p) for m in (blurring, ihdm_config, ddpm, score_sde, dit_config) for p in m.PRESETS]
+                         + [(edm_config, p) for p in ('digits_convnext', 'digits_uvit', 'digits_dit', 'digits_cond')])
 def test_every_preset_builds_its_network_loss_and_sampler(module, preset):
     config = module.get_config(preset)
     network = builders.build_module(config)

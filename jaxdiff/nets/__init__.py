@@ -4,21 +4,32 @@ from __future__ import annotations
 
 
 def _networks():
-    from jaxdiff.nets.adm import DhariwalUNet
-    from jaxdiff.nets.ddpmpp import SongUNet
-    return {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+    """Config name -> (Flax module, check(img_resolution, **kwargs): a ValueError naming the field)."""
+    from jaxdiff.nets import adm, convnext_unet, ddpmpp, dit, uvit
+    return {'SongUNet': (ddpmpp.SongUNet, _check_group_norm), 'DhariwalUNet': (adm.DhariwalUNet, _check_group_norm),
+            'convnext_unet': (convnext_unet.ConvNeXtUNet, convnext_unet.check), 'uvit': (uvit.UViT, uvit.check),
+            'dit': (dit.DiT, dit.check)}
+
+
+NAMES = ('SongUNet', 'DhariwalUNet', 'convnext_unet', 'uvit', 'dit')
 
 
 def build(model_type: str, *, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
           dtype=None, **kwargs):
-    """The module `model_type` with its keyword arguments (lists become tuples); a ValueError naming
-    the type or the argument otherwise."""
+    """The module `model_type` with its keyword arguments (lists become tuples), after the network's
+    own checks; a ValueError naming the type or the argument otherwise."""
     networks = _networks()
     if model_type not in networks:
         raise ValueError(f'Unsupported model type {model_type!r}; expected one of {tuple(networks)}')
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return networks[model_type](img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-                                label_dim=label_dim, dtype=dtype, **kwargs)
+    module, check = networks[model_type]
+    check(img_resolution, **kwargs)
+    return module(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
+                  label_dim=label_dim, dtype=dtype, **kwargs)
+
+
+def _check_group_norm(img_resolution, model_channels=None, channel_mult=(), **_):
+    check_group_norm_channels(model_channels, channel_mult)
 
 
 def check_group_norm_channels(model_channels, channel_mult) -> None:
