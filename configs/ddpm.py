@@ -42,6 +42,9 @@ def digits_convnext(c):
     """The ConvNeXt U-Net of the DDPM tutorials on the digits (0.83M; `default.digits_network`)."""
     digits(c)
     default.digits_network(c, 'convnext_unet')
+    # 80k images, not 200k: XLA:CPU runs its depthwise 7x7 convolutions (and their gradients) slowly,
+    # about 100 img/s on 2 cores against SongUNet's ~500 at fewer FLOPs (benchmarks/RESULTS.md §11).
+    c.train.total_images = 80_000
 
 
 def digits_uvit(c):
