@@ -5,7 +5,11 @@ Paper: W. Peebles, S. Xie, "Scalable Diffusion Models with Transformers", ICCV 2
 `models.py` (with timm's `PatchEmbed`, `Attention` and `Mlp`), checked against outputs of that
 code with the same weights (tests/nets/test_dit.py, arrays recorded by
 tests/data/make_dit_refs.py): DiT-S/2 at 32x32x4 (12 blocks) to 1e-5 of the output's scale in
-float32 and to rounding in float64. `params_from_dit_state_dict` loads DiT's PyTorch state dicts.
+float32 and to rounding in float64; also a two-block patch-4 net, DiT's null label through the
+converted table, its timestep frequencies and position embedding. The parameter counts of all
+twelve DiT models (S/B/L/XL at patch 2/4/8) equal DiT's code's (less its fixed pos_embed buffer
+and null-label row) and round to the paper's. `params_from_dit_state_dict` loads DiT's PyTorch
+state dicts.
 
 Architecture (D = hidden_size, p = patch_size, T = (img_resolution / p)^2 tokens, NHWC in/out):
 
@@ -34,9 +38,10 @@ Augmentation labels (EDM's augment pipe) enter like class labels, through a bias
 zero-initialised layer; DiT has none.
 
 Precision: parameters in `param_dtype`; `dtype` is the compute dtype of the linear layers and
-attention (None: the input's). The residual stream, layer-norm statistics, the timestep
-features and the attention softmax stay in at least float32, like DiT under autocast. The output
-is float32 (float64 for float64 input).
+attention (None: the input's, at least param_dtype). The residual stream, layer-norm statistics,
+the timestep features and the attention softmax stay in at least float32 (under bf16 the
+blocks compute in bf16 and add their gated outputs to a float32 stream). The output is float32
+(float64 for float64 input).
 """
 from __future__ import annotations
 

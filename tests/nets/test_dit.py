@@ -193,6 +193,10 @@ def test_param_counts_match_paper_and_dit_code(ref, model):
 # ---------------------------------------------------------------------------------------------
 # Properties of the module.
 
+# For the tiny net XLA's optimisation passes cost more compile time than they save at run time.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
 def tiny_net(**overrides):
     return DiT(**dict(CONFIGS['tiny'], **overrides))
 
@@ -204,14 +208,15 @@ def tiny_params():
 def test_zero_labels_give_zero_label_embedding_and_equal_none(ref):
     x, t, labels = recorded_inputs(ref, 'tiny')
     params = tiny_params()
-    apply = jax.jit(tiny_net().apply)
+    apply = jax.jit(tiny_net().apply, compiler_options=FAST_COMPILE)
     zeroed = apply({'params': params}, x, t, jnp.zeros_like(labels))
     # Different programs for the same function may fuse, and so round, differently (a few float32
     # roundings, 2^-24 each, of the output's scale); labels move the output by 0.1 of its scale.
     assert rel_err(apply({'params': params}, x, t, None), zeroed) <= 1e-6
     # The same as a net without the label layer: zero labels add exactly nothing to c.
     unlabelled = {k: v for k, v in params.items() if k != 'y_embedder'}
-    assert rel_err(jax.jit(tiny_net(label_dim=0).apply)({'params': unlabelled}, x, t), zeroed) <= 1e-6
+    unlabelled_apply = jax.jit(tiny_net(label_dim=0).apply, compiler_options=FAST_COMPILE)
+    assert rel_err(unlabelled_apply({'params': unlabelled}, x, t), zeroed) <= 1e-6
     assert rel_err(apply({'params': params}, x, t, labels), zeroed) > 0.1  # Labels do matter.
 
 
@@ -235,7 +240,7 @@ def test_gradients_reach_every_parameter(ref):
     augment = jnp.asarray(np.random.default_rng(0).standard_normal((x.shape[0], 2)), jnp.float32)
     params = dict(tiny_params(), augment_embedder={'kernel': jnp.full((2, 64), 0.1, jnp.float32)})
     loss = lambda p: jnp.mean(jnp.square(net.apply({'params': p}, x, t, labels, augment)))
-    grads = jax.jit(jax.grad(loss))(params)
+    grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
     assert shapes(grads) == shapes(jax.eval_shape(net.init, jax.random.key(0), x, t)['params'])
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert bool(jnp.isfinite(g).all()) and bool(jnp.any(g != 0)), jax.tree_util.keystr(path)
@@ -244,8 +249,7 @@ def test_gradients_reach_every_parameter(ref):
 def test_fresh_init_is_dits_initialisation_and_outputs_zeros(ref):
     net = tiny_net()
     inputs = recorded_inputs(ref, 'tiny')
-    # Compiling the initialisers' random draws is slow on CPU; optimising them is not needed.
-    init = jax.jit(net.init, compiler_options={'xla_backend_optimization_level': 0})
+    init = jax.jit(net.init, compiler_options=FAST_COMPILE)  # Compiling random draws is slow on CPU.
     params = init(jax.random.key(1), *inputs)['params']
     leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
     for path, w in leaves.items():
