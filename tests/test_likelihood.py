@@ -547,12 +547,13 @@ def test_model_flow_coefficients_are_score_sdes(name):
 
 
 def test_model_flow_prior_is_sigma_at_t_max():
-    """The default prior N(0, sigma_{t_max}^2 I): VE 50, EDM 80; for VP schedules
+    """The default prior N(0, sigma_{t_max}^2 I): VE 50, EDM 80, sub-VP 1 - exp(-B(1)); for VP schedules
     sqrt(1 - alpha_{t_max}^2), ~1 - 2e-5 (alpha^2 = e^-10.05, sigmoid(-10), prod(1 - beta))."""
     stds = {name: L.model_flow(gaussian_data.ideal_model(p, 'eps', *gaussian_data.moments(SHAPE)))[1].prior_std
             for name, p in MODEL_PROCESSES.items()}
     alpha_bar_T = np.prod(1 - np.linspace(1e-4, 0.02, 1000))
     expected = {'ve': 50.0, 'edm': 80.0, 'vp': math.sqrt(-math.expm1(-(0.1 + 19.9 / 2))),
+                'subvp': -math.expm1(-(0.1 + 19.9 / 2)),  # sigma = 1 - exp(-B(1))
                 'cosine': math.sqrt(1 / (1 + math.exp(-10))), 'blurring': math.sqrt(1 / (1 + math.exp(-10))),
                 'ddpm': math.sqrt(1 - alpha_bar_T)}
     for name, std in stds.items():
