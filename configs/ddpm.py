@@ -7,6 +7,7 @@
              or --config.sample.solver=dpmpp_2m --config.sample.num_steps=10 --config.sample.discretization=logsnr.
   digits_cond  the digits class-conditional (label dropout 0.1), scored at guidance 1, 1.5, 2, 3.
   digits_convnext, digits_uvit, digits_dit  the digits on the other networks (`default.digits_network`).
+  photos128  the DDPM tutorial's setting: ConvNeXt U-Net, 128x128 photo patches, batch 16 (GPU).
   cifar10    Ho et al.'s CIFAR-10 run: linear betas, T 1000, Adam 2e-4 with 5k warm-up steps, batch 128,
              dropout 0.1, gradient clipping 1, EMA 0.9999, 800k steps; 1000 ancestral steps with
              sigma_t^2 = beta_t ('fixed_large', their CIFAR-10 choice). Network: EDM's SongUNet in the
@@ -67,6 +68,27 @@ def digits_cond(c):
     c.sample.solver, c.sample.num_steps = 'ddim', 25
 
 
+def photos128(c):
+    """The DDPM tutorial's own setting (GPU): its ConvNeXt U-Net at the tutorial's default size
+    (C 64, mults 1-2-4-8, 63M parameters) on 128x128 patches of the embedded photos (256 fixed
+    patches, `data.py`), linear betas with T = 1000, batch 16, EMA, 100 ancestral steps. The
+    tutorial's Adam lr and run length are taken as 2e-4 and 100k steps (not verified)."""
+    c.data.name, c.data.resolution, c.data.channels, c.data.xflip = 'photos', 128, 3, True
+    c.process = _discrete()
+    default.digits_network(c, 'convnext_unet')
+    c.model.kwargs = ml_collections.ConfigDict(dict(model_channels=64, channel_mult=(1, 2, 4, 8)))
+    c.train.batch_size = 16
+    c.train.total_images = 100_000 * 16
+    c.train.log_every_steps, c.train.checkpoint_every_steps = 100, 5_000
+    c.optim.lr, c.optim.warmup_images = 2e-4, 1_000 * 16
+    c.ema.halflife_images = 110_000  # a decay of 0.9999 per step of 16 images
+    c.ema.rampup_ratio = 0.0
+    c.sample.solver, c.sample.num_steps = 'ancestral', 100
+    c.sample.discretization, c.sample.spacing = 'ddpm', 'trailing'
+    c.sample.num_samples, c.sample.batch_size = 16, 16
+    c.eval.after_training = False  # FID needs the Inception weights and reference statistics
+
+
 def cifar10(c):
     default.cifar10_data(c)
     c.process = _discrete()
@@ -116,7 +138,7 @@ def cifar10_cosine(c):
 
 PRESETS = {'digits': digits, 'digits_cond': digits_cond, 'digits_convnext': digits_convnext,
            'digits_uvit': digits_uvit, 'digits_dit': digits_dit, 'cifar10': cifar10,
-           'cifar10_cosine': cifar10_cosine}
+           'cifar10_cosine': cifar10_cosine, 'photos128': photos128}
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:

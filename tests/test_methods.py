@@ -194,3 +194,18 @@ def test_ddpm_hybrid_loss_trains_the_variance_channels_of_the_network():
         variance_grads[weight] = np.asarray(grads['dec_8x8_aux_conv']['kernel'][..., 1])  # the output conv's variance channel
     assert np.isfinite(objectives[0.001]) and objectives[0.001] > objectives[0.0]
     assert np.all(variance_grads[0.0] == 0) and np.abs(variance_grads[0.001]).max() > 0
+
+
+@pytest.mark.slow  # 128x128 on a CPU: about a minute, most of it compiling.
+def test_photos128_preset_trains_and_samples_on_128px_photo_patches(tmp_path):
+    """configs/ddpm.py:photos128 end to end with the network narrowed to 8 channels (the preset's
+    63M-parameter U-Net is a GPU job): one training step of 16 patches, then two samples."""
+    config = ddpm.get_config('photos128')
+    config.model.kwargs.model_channels = 8
+    config.train.total_images, config.train.checkpoint_every_steps = 16, 1
+    config.sample.num_steps, config.sample.num_samples, config.sample.batch_size = 2, 2, 2
+    runner.train_and_evaluate(config, tmp_path)
+    out = runner.sample_mode(config, tmp_path)
+    with np.load(out['samples_file']) as f:
+        images = f['images']
+    assert images.shape == (2, 128, 128, 3) and images.dtype == np.uint8
