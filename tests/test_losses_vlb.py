@@ -82,7 +82,9 @@ def test_vlb_term_trains_only_the_variance():
 
     output = jnp.asarray(REF['inputs/model_output'], jnp.float32)
     hybrid, simple = jax.grad(objective)(output, 0.001), jax.grad(objective)(output, 0.0)
-    np.testing.assert_array_equal(hybrid[..., :3], simple[..., :3])
+    # Two compiled programs (the hybrid one adds a term whose gradient here is exactly zero):
+    # equal up to float32 reassociation of the same sums, rtol 1e-6.
+    np.testing.assert_allclose(hybrid[..., :3], simple[..., :3], rtol=1e-6, atol=1e-7 * np.abs(simple).max())
     assert np.all(simple[..., 3:] == 0) and np.abs(hybrid[..., 3:]).min() > 0
 
 
