@@ -78,7 +78,8 @@ INIT = dict(init_mode='kaiming_uniform', init_weight=float(np.sqrt(1 / 3)), init
 MAX_PERIOD = 10000  # The tutorial's `sinusoidal_pos_emb_theta`.
 
 
-def check(img_resolution, channel_mult=(1, 2, 4, 8), model_channels=64, dropout=0.0, augment_dim=0, **_):
+def check(img_resolution, channel_mult=(1, 2, 4, 8), model_channels=64, dropout=0.0, augment_dim=0,
+          depthwise='auto', **_):
     """Raise a one-line ValueError naming the field of an unusable configuration."""
     if len(channel_mult) == 0:
         raise ValueError('channel_mult must name at least one stage')
@@ -93,6 +94,8 @@ def check(img_resolution, channel_mult=(1, 2, 4, 8), model_channels=64, dropout=
         raise ValueError(f'dropout={dropout}: the ConvNeXt U-Net has no dropout layers; use 0')
     if augment_dim:
         raise ValueError(f'augment_dim={augment_dim}: the ConvNeXt U-Net takes no augmentation labels; use 0')
+    if depthwise not in ('auto', *DEPTHWISE):
+        raise ValueError(f"depthwise={depthwise!r} must be 'auto' or one of {sorted(DEPTHWISE)}")
 
 
 def sinusoidal_embedding(t, num_channels: int):
@@ -121,9 +124,61 @@ def upsample_nearest(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def _live_taps(k, height, width):
+    """The taps (i, j) of a k x k 'same' kernel whose window overlaps an H x W image: a tap with
+    |i - k//2| >= H or |j - k//2| >= W sees only the zero padding and contributes nothing."""
+    pad = k // 2
+    return [(i, j) for i in range(k) for j in range(k) if abs(i - pad) < height and abs(j - pad) < width]
+
+
+def _shifted_sum(x, kernel):
+    k = kernel.shape[0]
+    pad, (height, width) = k // 2, x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return sum(xp[:, i:i + height, j:j + width, :] * kernel[i, j, 0] for i, j in _live_taps(k, height, width))
+
+
+@jax.custom_vjp
+def depthwise_conv_shifted(x, kernel):
+    """y[n,h,w,c] = sum_{i,j} x_pad[n, h+i, w+j, c] k[i, j, 0, c] ('same' zero padding, odd k) as a
+    sum of shifted slices over the live taps (_live_taps; skipping the others is exact).
+    Gradients: dx is the same sum over g with the kernel flipped; dk[i, j, c] =
+    sum_{n,h,w} x_pad[n, h+i, w+j, c] g[n,h,w,c] is the grouped convolution's own kernel gradient.
+    On XLA:CPU the grouped convolution's forward and input gradient are the slow parts: this runs
+    fwd+bwd 6-10x faster at the digits' sizes (benchmarks/RESULTS.md)."""
+    return _shifted_sum(x, kernel)
+
+
+def _shifted_fwd(x, kernel):
+    return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _shifted_bwd(residuals, g):
+    x, kernel = residuals
+    dx = _shifted_sum(g, kernel[::-1, ::-1])
+    _, kernel_vjp = jax.vjp(lambda k: depthwise_conv_grouped(x, k), kernel)  # fast on XLA:CPU
+    return dx.astype(x.dtype), kernel_vjp(g.astype(x.dtype))[0]
+
+
+depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def depthwise_conv_grouped(x, kernel):
+    """The same convolution as XLA's grouped convolution (feature_group_count = channels)."""
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
+
+
+DEPTHWISE = {'grouped': depthwise_conv_grouped, 'shifted': depthwise_conv_shifted}
+
+
 class DepthwiseConv2d(nn.Module):
-    """Per-channel k x k convolution with bias, 'same' zero padding (PyTorch: groups = channels)."""
+    """Per-channel k x k convolution with bias, 'same' zero padding (PyTorch: groups = channels).
+    `impl` 'grouped' or 'shifted' (DEPTHWISE); 'auto' is 'shifted' on CPU and 'grouped' elsewhere."""
     kernel_size: int = 7
+    impl: str = 'auto'
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -134,10 +189,8 @@ class DepthwiseConv2d(nn.Module):
         kernel = self.param('kernel', init(INIT['init_weight']), (k, k, 1, c), self.param_dtype)
         bias = self.param('bias', init(INIT['init_bias']), (c,), self.param_dtype)
         dtype = self.dtype if self.dtype is not None else jnp.result_type(x, kernel)
-        pad = k // 2
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype), window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+        impl = self.impl if self.impl != 'auto' else ('shifted' if jax.default_backend() == 'cpu' else 'grouped')
+        y = DEPTHWISE[impl](x.astype(dtype), kernel.astype(dtype))
         return y + bias.astype(dtype)
 
 
@@ -145,6 +198,7 @@ class ConvNeXtBlock(nn.Module):
     """The tutorial's ConvNeXt block (see the module docstring) from x.shape[-1] to `features` channels."""
     features: int
     mult: int = 2
+    depthwise: str = 'auto'
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -153,7 +207,7 @@ class ConvNeXtBlock(nn.Module):
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(num_groups=1, min_channels_per_group=1, eps=1e-5, **common)
         cin = x.shape[-1]
-        h = DepthwiseConv2d(7, name='dwconv', **common)(x)
+        h = DepthwiseConv2d(7, self.depthwise, name='dwconv', **common)(x)
         h = h + Linear(cin, name='emb_proj', **INIT, **common)(gelu(emb))[:, None, None, :].astype(h.dtype)
         h = Conv2d(self.features * self.mult, 3, name='conv0', **INIT, **common)(GroupNorm(name='norm0', **norm)(h))
         h = GroupNorm(name='norm1', **norm)(gelu(h))
@@ -184,6 +238,8 @@ class ConvNeXtUNet(nn.Module):
     means zeros, the null label). Returns [N, H, W, out_channels] in float32, or float64 for float64
     input. `dtype` is the compute dtype (None: the input's); norms and the sinusoidal embedding run
     in at least float32. `augment_labels` and `train` are accepted for the common network signature.
+    `depthwise` picks the 7x7 depthwise convolution's implementation (DepthwiseConv2d): the same
+    function, 'auto' being the faster one for the backend.
     """
     img_resolution: int
     in_channels: int
@@ -194,6 +250,7 @@ class ConvNeXtUNet(nn.Module):
     channel_mult: Sequence[int] = (1, 2, 4, 8)
     mult: int = 2
     use_skip_attention: bool = False
+    depthwise: str = 'auto'
     dropout: float = 0.0
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -204,7 +261,8 @@ class ConvNeXtUNet(nn.Module):
         super().__post_init__()
 
     def _check(self, x, noise_labels, class_labels):
-        check(self.img_resolution, self.channel_mult, self.model_channels, self.dropout, self.augment_dim)
+        check(self.img_resolution, self.channel_mult, self.model_channels, self.dropout, self.augment_dim,
+              self.depthwise)
         if self.mult < 1:
             raise ValueError(f'mult={self.mult} must be a positive integer')
         if x.ndim != 4 or x.shape[1] != self.img_resolution or x.shape[2] != self.img_resolution:
@@ -225,7 +283,7 @@ class ConvNeXtUNet(nn.Module):
         self._check(x, noise_labels, class_labels)
         out_dtype = jnp.promote_types(x.dtype, jnp.float32)
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block = lambda features, name: ConvNeXtBlock(features, self.mult, name=name, **common)
+        block = lambda features, name: ConvNeXtBlock(features, self.mult, self.depthwise, name=name, **common)
         conv = lambda features, k, name: Conv2d(features, k, name=name, **INIT, **common)
         c = self.model_channels
         widths = [c] + [c * m for m in self.channel_mult]
