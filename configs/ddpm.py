@@ -150,4 +150,5 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
 def _ddpm_fields(c):
     c.loss.type = 'eps'  # the target: eps (L_simple), x0 or v
     c.loss.vlb_weight = 0.0  # iDDPM's hybrid loss: + vlb_weight * L_vlb (0.001); needs model.learned_variance
+    c.loss.multiscale_lowest = 0  # simple diffusion's multiscale loss from this size up (e.g. 32); 0 = off
     default.gaussian_model(c, 'eps')

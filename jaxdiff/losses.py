@@ -78,8 +78,40 @@ def draw_times(key, process, n, dtype=jnp.float32):
     return process.t_min + (process.t_max - process.t_min) * jax.random.uniform(key, (n,), dtype)
 
 
+def multiscale_scales(resolution: int, lowest: int) -> tuple[int, ...]:
+    """(lowest, 2 lowest, 4 lowest, ..., resolution), or a ValueError naming `loss.multiscale_lowest`."""
+    if lowest < 1 or resolution % lowest or (resolution // lowest) & (resolution // lowest - 1):
+        raise ValueError(f'loss.multiscale_lowest={lowest} must be the image size {resolution} divided by a '
+                         'power of two')
+    scales = [resolution]
+    while scales[-1] > lowest:
+        scales.append(scales[-1] // 2)
+    return tuple(reversed(scales))
+
+
+def multiscale_square_error(error, lowest: int):
+    """Simple diffusion's multiscale loss (Hoogeboom, Heek & Salimans 2023, "Multiscale training loss"),
+    per element: with D^s the average pooling of a d x d image to s x s,
+
+        L^s = mean over pixels and channels of (D^s[error])^2,   L = sum_{s in {lowest, 2 lowest, ..., d}} (d / s) L^s.
+
+    The paper weights L^s by 1/s; the factor d here makes the full-resolution term's weight 1, so with
+    lowest = d this is the plain squared error. Pooling is linear, so D^s[eps] - D^s[eps_hat] =
+    D^s[error]. Returned as a [N, d, d, C] array whose mean over the image is L: each scale's squared
+    pooled error repeated over its s x s blocks (nearest upsampling keeps the mean) and weighted."""
+    n, height, width, channels = error.shape
+    if height != width:
+        raise ValueError(f'the multiscale loss needs square images, got {height}x{width}')
+    total = 0
+    for s in multiscale_scales(height, lowest):
+        k = height // s
+        pooled = error.reshape(n, s, k, s, k, channels).mean(axis=(2, 4))
+        total = total + (height / s) * jnp.repeat(jnp.repeat(jnp.square(pooled), k, axis=1), k, axis=2)
+    return total
+
+
 def diffusion_loss(model, images, key=None, labels=None, *, process, target: str = 'eps', vlb_weight: float = 0.0,
-                   t=None, noise=None):
+                   multiscale_lowest: int = 0, t=None, noise=None):
     """The denoising loss of a model on any process, per element (DDPM's L_simple for 'eps'):
 
         t ~ `draw_times`,  z_t = process.diffuse(x, t, eps),  (x0_hat, eps_hat) = model(z_t, t),
@@ -88,7 +120,9 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
 
     The target is independent of the network's output type: a v-output network trained on
     'eps' is fine. With `target='eps'` this is score-SDE's denoising score matching with
-    lambda(t) = sigma_t^2 (score = -eps / sigma), and Ho et al.'s L_simple. `vlb_weight` > 0 adds
+    lambda(t) = sigma_t^2 (score = -eps / sigma), and Ho et al.'s L_simple. `multiscale_lowest` > 0
+    squares the error at every scale from that size up to the image's (`multiscale_square_error`,
+    simple diffusion's multiscale loss; the error is taken in pixel space). `vlb_weight` > 0 adds
     iDDPM's hybrid term (`vlb_term`, learned variance on a Discrete schedule):
     loss + vlb_weight * T * L_t / ln 2, which is iDDPM's L_simple + 0.001 L_vlb for 0.001.
     `t` ([N]) and `noise` (unit normal, images' shape) may be passed instead of drawn.
@@ -103,13 +137,14 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
     z = process.diffuse(images, t, noise)
     prediction = model(z, t, labels)
     if target == 'eps':
-        loss = jnp.square(prediction.eps - noise)
+        error = prediction.eps - noise
     elif target == 'x0':
-        loss = jnp.square(prediction.x0 - images)
+        error = prediction.x0 - images
     else:
         alpha, sigma = process.scale_sigma(t, images.shape, images.dtype)
         basis = process.to_basis
-        loss = jnp.square(process.from_basis(alpha * basis(prediction.eps - noise) - sigma * basis(prediction.x0 - images)))
+        error = process.from_basis(alpha * basis(prediction.eps - noise) - sigma * basis(prediction.x0 - images))
+    loss = multiscale_square_error(error, multiscale_lowest) if multiscale_lowest else jnp.square(error)
     if vlb_weight:
         T = check_vlb(process, prediction.variance_fraction is not None)
         loss = loss + (vlb_weight * T / math.log(2)) * vlb_term(process.schedule, prediction, images, z, t)

@@ -5,6 +5,8 @@ for t in [t_min, t_max] (t_min: least noise), and the inverse t(lambda) that tim
 
   Cosine       variance preserving, lambda(t) = -2 log tan(t0 + t (t1 - t0)) clipped to [logsnr_min,
                logsnr_max], plus `shift` (simple diffusion's 2 log(noise_d / image_d); 0: plain cosine)
+  ShiftedCosine, InterpolatedCosine   simple diffusion's resolution-shifted cosine (eq. 5) and its
+               interpolation between two shifts (eq. 6), named by image and noise sizes
   VP           score-SDE VP (Song et al. 2021, eq. 33): alpha_t^2 = exp(-beta_min t - (beta_max -
                beta_min) t^2 / 2), variance preserving, t in [t_min, 1]
   VE           score-SDE VE (Song et al. 2021, eq. 31): alpha = 1, sigma_t = sigma_min (sigma_max /
@@ -81,6 +83,71 @@ class Cosine:
 
     def t_from_logsnr(self, logsnr):
         return schedules.logsnr_cosine_inv(np.asarray(logsnr, np.float64) - self.shift, self.logsnr_min, self.logsnr_max)
+
+    def alpha_sigma(self, t):
+        return schedules.alpha_sigma_from_logsnr(self.logsnr(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedCosine:
+    """Simple diffusion's cosine shifted to the image size (Hoogeboom, Heek & Salimans 2023, eq. 5;
+    `schedules.logsnr_cosine_shifted`): lambda(t) = lambda_cos(t) + 2 log(noise_d / image_d), lambda_cos
+    clipped to [logsnr_min, logsnr_max] before the shift; variance preserving. At image_d > noise_d the
+    per-pixel SNR is lower, so that the image average-pooled to noise_d sees the cosine's SNR."""
+    image_d: int
+    noise_d: int = 64
+    logsnr_min: float = -15.0
+    logsnr_max: float = 15.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    variance_preserving = True
+
+    def __post_init__(self):
+        schedules._logsnr_cosine_limits(self.logsnr_min, self.logsnr_max)
+        if self.image_d < 1 or self.noise_d < 1:
+            raise ValueError(f'ShiftedCosine.image_d={self.image_d} and noise_d={self.noise_d} must be positive')
+
+    def logsnr(self, t):
+        return schedules.logsnr_cosine_shifted(t, self.image_d, self.noise_d, self.logsnr_min, self.logsnr_max)
+
+    def t_from_logsnr(self, logsnr):
+        return schedules.logsnr_cosine_shifted_inv(np.asarray(logsnr, np.float64), self.image_d, self.noise_d,
+                                                   self.logsnr_min, self.logsnr_max)
+
+    def alpha_sigma(self, t):
+        return schedules.alpha_sigma_from_logsnr(self.logsnr(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpolatedCosine:
+    """Simple diffusion's interpolated schedule (eq. 6; `schedules.logsnr_cosine_interpolated`):
+    lambda(t) = t lambda_shift high_d(t) + (1 - t) lambda_shift low_d(t), on the noisier shift-low_d
+    schedule at t = 0 and the shift-high_d one at t = 1; variance preserving. Its inverse is a host
+    bisection (time grids only)."""
+    image_d: int
+    low_d: int = 32
+    high_d: int = 256
+    logsnr_min: float = -15.0
+    logsnr_max: float = 15.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    variance_preserving = True
+
+    def __post_init__(self):
+        t0, t1 = schedules._logsnr_cosine_limits(self.logsnr_min, self.logsnr_max)
+        if not 1 <= self.low_d < self.high_d:
+            raise ValueError(f'InterpolatedCosine.low_d={self.low_d} must be positive and below high_d={self.high_d}')
+        if 2 * np.log(self.high_d / self.low_d) >= 4 * (t1 - t0):
+            raise ValueError(f'InterpolatedCosine.low_d={self.low_d}, high_d={self.high_d}: the schedule would not '
+                             'decrease monotonically (2 log(high_d / low_d) must be below 4 (t1 - t0))')
+
+    def logsnr(self, t):
+        return schedules.logsnr_cosine_interpolated(t, self.image_d, self.low_d, self.high_d, self.logsnr_min,
+                                                    self.logsnr_max)
+
+    def t_from_logsnr(self, logsnr):
+        return schedules.logsnr_cosine_interpolated_inv(logsnr, self.image_d, self.low_d, self.high_d,
+                                                        self.logsnr_min, self.logsnr_max)
 
     def alpha_sigma(self, t):
         return schedules.alpha_sigma_from_logsnr(self.logsnr(t))
@@ -255,8 +322,8 @@ def _np_log(x):
     return (np if isinstance(x, (np.ndarray, np.generic, float, int)) else jnp).log(x)
 
 
-Schedule = Cosine | VP | SubVP | VE | EDM | Discrete
-SCHEDULES = {'cosine': Cosine, 'vp': VP, 'subvp': SubVP, 've': VE, 'edm': EDM, 'discrete': Discrete}
+Schedule = Cosine | ShiftedCosine | InterpolatedCosine | VP | SubVP | VE | EDM | Discrete
+SCHEDULES = {'cosine': Cosine, 'cosine_shifted': ShiftedCosine, 'cosine_interpolated': InterpolatedCosine, 'vp': VP, 'subvp': SubVP, 've': VE, 'edm': EDM, 'discrete': Discrete}
 
 
 def noise_label(schedule, t):

@@ -231,3 +231,69 @@ def test_loss_bound_for_the_train_step_jits_and_differentiates():
     assert np.isfinite(value) and np.isfinite(grads['a']) and grads['a'] != 0
     with pytest.raises(ValueError, match='loss.type must be one of'):
         losses.diffusion_loss(None, images, jax.random.key(0), process=process, target='score')
+
+
+# ---------------------------------------------------------------------------------------------
+# Simple diffusion's multiscale loss.
+
+def numpy_multiscale_loss(error, lowest):
+    """sum over s in {lowest, ..., d} of (d / s) * mean((D^s error)^2), D^s the s x s average pooling
+    written as an explicit loop over the k x k blocks, in float64."""
+    n, d, _, c = error.shape
+    total, s = 0.0, lowest
+    while s <= d:
+        k = d // s
+        pooled = np.zeros((n, s, s, c))
+        for i in range(s):
+            for j in range(s):
+                pooled[:, i, j] = error[:, i * k:(i + 1) * k, j * k:(j + 1) * k].mean(axis=(1, 2))
+        total += (d / s) * np.mean(pooled ** 2)
+        s *= 2
+    return total
+
+
+@pytest.mark.parametrize('d,lowest', [(16, 4), (16, 2), (32, 8), (8, 8)])
+def test_multiscale_loss_matches_explicit_pooling(d, lowest):
+    error = np.random.default_rng(d + lowest).normal(size=(3, d, d, 2))
+    with jax.enable_x64(True):
+        loss = np.asarray(losses.multiscale_square_error(jnp.asarray(error), lowest))
+    assert loss.shape == error.shape
+    # float64 sums of at most a few thousand terms: 1e-12 relative.
+    np.testing.assert_allclose(loss.mean(), numpy_multiscale_loss(error, lowest), rtol=1e-12)
+
+
+def test_multiscale_loss_at_full_scale_only_is_the_plain_loss():
+    """lowest = d leaves one scale of weight d / d = 1 and pooling over 1 x 1 blocks: (eps_hat - eps)^2
+    element for element, in diffusion_loss too."""
+    rng = np.random.default_rng(3)
+    images, noise, raw = (jnp.asarray(a, jnp.float32) for a in rng.normal(size=(3, 4, 16, 16, 3)))
+    t = jnp.asarray([0.1, 0.5, 0.9, 0.99], jnp.float32)
+    process = processes.GaussianProcess(processes.Cosine(shift=-1.0))
+    model = parameterize.model_from_fn(lambda p, z, *args: raw, process, 'v')
+    for target in ('eps', 'v'):
+        plain = losses.diffusion_loss(model, images, None, process=process, target=target, t=t, noise=noise)
+        full = losses.diffusion_loss(model, images, None, process=process, target=target, t=t, noise=noise,
+                                     multiscale_lowest=16)
+        # The same products and no sums (means over 1 x 1 blocks, weight 1.0): equal up to the one
+        # rounding a compiler may place differently, 1e-6 relative.
+        np.testing.assert_allclose(np.asarray(full), np.asarray(plain), rtol=1e-6)
+        lower = losses.diffusion_loss(model, images, None, process=process, target=target, t=t, noise=noise,
+                                      multiscale_lowest=4)
+        assert float(lower.mean()) > float(plain.mean())  # the pooled terms add to it
+
+
+def test_multiscale_loss_weights_low_resolutions_as_the_paper():
+    """White error of unit variance: (D^s e)^2 has mean (s / d)^2, so scale s adds (d / s)(s / d)^2 = s / d.
+    An error constant over the image keeps its square under pooling, so scale s adds d / s."""
+    d = 32
+    white = jax.random.normal(jax.random.key(0), (64, d, d, 3))
+    expected = sum(s / d for s in (4, 8, 16, 32))
+    assert float(losses.multiscale_square_error(white, 4).mean()) == pytest.approx(expected, rel=0.02)
+    constant = jnp.full((1, d, d, 1), 2.0)
+    assert float(losses.multiscale_square_error(constant, 4).mean()) == pytest.approx(4 * sum(d / s for s in (4, 8, 16, 32)))
+
+
+@pytest.mark.parametrize('d,lowest', [(16, 3), (24, 8), (16, 32), (16, 0)])
+def test_multiscale_scales_reject_sizes_that_are_not_a_power_of_two_apart(d, lowest):
+    with pytest.raises(ValueError, match='loss.multiscale_lowest'):
+        losses.multiscale_scales(d, lowest)

@@ -162,12 +162,15 @@ def test_processes_are_hashable_static_arguments_and_validate():
         processes.BlurringProcess(processes.EDM())
 
 
+SCHEDULE_KWARGS = {'cosine_shifted': dict(image_d=256), 'cosine_interpolated': dict(image_d=512)}
+
+
 @pytest.mark.parametrize('name', sorted(processes.SCHEDULES))
 def test_every_schedule_inverts_its_logsnr_and_agrees_with_its_alpha_sigma(name):
     """t_from_logsnr(logsnr(t)) = t (float64, rtol 1e-9: the inverses go through log/sqrt of values
     near 1 at small t); log(alpha^2 / sigma^2) = logsnr; numpy and jax.numpy give the same logsnr (float32
     rounding, rtol 1e-5 of max(1, |lambda|))."""
-    schedule = processes.SCHEDULES[name]()
+    schedule = processes.SCHEDULES[name](**SCHEDULE_KWARGS.get(name, {}))
     t = np.linspace(schedule.t_min, schedule.t_max, 101)[1:-1] if name != 'discrete' else np.arange(1, 1001) / 1000
     lam = schedule.logsnr(t)
     np.testing.assert_allclose(schedule.t_from_logsnr(lam), t, rtol=1e-9)
@@ -190,3 +193,60 @@ def test_sub_vp_marginals_solve_the_sub_vp_sde_variance_equation():
     alpha, sigma = schedule.alpha_sigma(t)
     np.testing.assert_allclose(sol.y[0], sigma ** 2, rtol=1e-7, atol=1e-11)  # the solver's absolute error
     np.testing.assert_allclose(sol.y[1], alpha, rtol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Simple diffusion's shifted and interpolated schedules as processes.
+
+def test_shifted_cosine_is_the_cosine_plus_the_resolution_shift():
+    t = np.linspace(0, 1, 101)
+    for image_d, noise_d in ((128, 64), (256, 32), (32, 64)):
+        shifted = processes.ShiftedCosine(image_d, noise_d)
+        plain = processes.Cosine(-15.0, 15.0, shift=2 * np.log(noise_d / image_d))
+        np.testing.assert_allclose(shifted.logsnr(t), plain.logsnr(t), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match='image_d'):
+        processes.ShiftedCosine(0)
+
+
+@pytest.mark.parametrize('image_d,noise_d', [(32, 8), (64, 16), (16, 16)])
+def test_shifted_schedule_pooled_to_noise_d_has_the_unshifted_logsnr(image_d, noise_d):
+    """Simple diffusion's argument, by Monte Carlo: z_t = alpha x + sigma eps at image_d, average-pooled by
+    k = image_d / noise_d, keeps a signal that is constant over k x k blocks and divides the white noise's
+    variance by k^2, so the pooled logSNR is lambda_shift + 2 log k = lambda_cos. Measured as
+    log(slope^2 / residual variance) of pooled z regressed on pooled x, over m = 65,536 pooled values per t.
+    Standard errors: the log variance sqrt(2 / m), the log slope^2 2 sqrt(1 / (m SNR)) (the slope's
+    relative error is sqrt(residual variance / (m alpha^2)) for unit-variance x); 5 of them combined."""
+    process = processes.GaussianProcess(processes.ShiftedCosine(image_d, noise_d))
+    cosine = processes.Cosine(-15.0, 15.0)
+    m = 65536
+    k, n = image_d // noise_d, m // noise_d ** 2
+    key_x, key_e = jax.random.split(jax.random.key(image_d))
+    coarse = jax.random.normal(key_x, (n, noise_d, noise_d, 1))
+    x = jnp.repeat(jnp.repeat(coarse, k, axis=1), k, axis=2)  # constant over k x k blocks
+    pool = lambda a: a.reshape(n, noise_d, k, noise_d, k, 1).mean(axis=(2, 4))
+    for t in (0.2, 0.5, 0.8):
+        z = process.diffuse(x, jnp.full((n,), t), jax.random.normal(jax.random.fold_in(key_e, int(100 * t)), x.shape))
+        u, v = np.asarray(pool(x), np.float64).ravel(), np.asarray(pool(z), np.float64).ravel()
+        slope = np.dot(u, v) / np.dot(u, u)
+        residual = v - slope * u
+        measured, expected = np.log(slope ** 2 / residual.var()), float(cosine.logsnr(t))
+        tolerance = 5 * np.sqrt(2 / m + 4 / (m * np.exp(expected)))
+        assert measured == pytest.approx(expected, abs=tolerance), (t, measured, tolerance)
+
+
+def test_interpolated_cosine_process_runs_the_samplers_time_grids():
+    """Eq. (6) as a process: noisier than shift-256 and less noisy than shift-32 in between; its host
+    inverse gives the sampler's step tables (the 'logsnr' grid needs t(lambda))."""
+    schedule = processes.InterpolatedCosine(512)
+    t = np.linspace(0.01, 0.99, 99)
+    low, high = processes.ShiftedCosine(512, 32).logsnr(t), processes.ShiftedCosine(512, 256).logsnr(t)
+    assert np.all(low < schedule.logsnr(t)) and np.all(schedule.logsnr(t) < high)
+    process = processes.GaussianProcess(schedule)
+    for discretization in ('uniform', 'logsnr', 'edm'):
+        grid = grids.time_grid(samplers.Sampler(solver='ddim', num_steps=10, discretization=discretization), process)
+        assert np.all(np.diff(grid.t) < 0) and 0 <= grid.t[-1] and grid.t[0] <= 1, grid.t
+        np.testing.assert_allclose(schedule.logsnr(grid.t), -2 * np.log(grid.sigma), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match='low_d'):
+        processes.InterpolatedCosine(512, low_d=256, high_d=32)
+    with pytest.raises(ValueError, match='monotonically'):
+        processes.InterpolatedCosine(512, low_d=8, high_d=512)

@@ -30,7 +30,8 @@ def _errors_name(prefix: str):
                 raise ValueError(f'{prefix}: {e}') from None
             except ValueError as e:
                 message = str(e)
-                for name in ('Sampler.', 'GaussianProcess.', 'BlurringProcess.', 'Discrete.', 'Cosine.'):
+                for name in ('Sampler.', 'GaussianProcess.', 'BlurringProcess.', 'Discrete.', 'ShiftedCosine.',
+                             'InterpolatedCosine.', 'Cosine.'):
                     message = message.replace(name, f'{prefix}.')
                 raise ValueError(message) from None
         return inner
@@ -39,7 +40,7 @@ def _errors_name(prefix: str):
 
 @_errors_name('process')
 def build_process(config):
-    """`config.process`: `schedule` (cosine | vp | ve | edm | discrete) and its fields, plus the
+    """`config.process`: `schedule` (a name in `processes.SCHEDULES`) and its fields, plus the
     blurring fields (sigma_blur_max, min_scale) for a BlurringProcess."""
     fields = dict(config.process.to_dict())
     kind = fields.pop('schedule', 'cosine')

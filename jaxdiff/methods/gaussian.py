@@ -1,7 +1,8 @@
 """The Gaussian-process methods' shared shape (ddpm, score_sde, blurring): a process of
 `config.process`, a `parameterize` model of `config.model` (output eps | x0 | v, learned variance),
 the denoising loss on it (`config.loss.type`: the target eps | x0 | v; `loss.vlb_weight`: iDDPM's
-hybrid L_vlb term) and any sampler of the core."""
+hybrid L_vlb term; `loss.multiscale_lowest`: simple diffusion's multiscale loss) and any sampler of
+the core."""
 from __future__ import annotations
 
 import functools
@@ -40,7 +41,11 @@ def loss(config):
     if vlb_weight:
         train.check_number(config, 'loss.vlb_weight', low=0)
         losses.check_vlb(process, config.model.get('learned_variance', False))
-    return functools.partial(losses.diffusion_loss, process=process, target=config.loss.type, vlb_weight=vlb_weight)
+    lowest = config.loss.get('multiscale_lowest', 0)
+    if lowest:
+        losses.multiscale_scales(config.data.resolution, lowest)  # a ValueError naming the field
+    return functools.partial(losses.diffusion_loss, process=process, target=config.loss.type, vlb_weight=vlb_weight,
+                             multiscale_lowest=lowest)
 
 
 def sampling(config, prior_images=None) -> common.Sampling:
