@@ -151,4 +151,5 @@ def _ddpm_fields(c):
     c.loss.type = 'eps'  # the target: eps (L_simple), x0 or v
     c.loss.vlb_weight = 0.0  # iDDPM's hybrid loss: + vlb_weight * L_vlb (0.001); needs model.learned_variance
     c.loss.multiscale_lowest = 0  # simple diffusion's multiscale loss from this size up (e.g. 32); 0 = off
+    c.loss.min_snr_gamma = 0.0  # Min-SNR-gamma loss weighting (e.g. 5); 0 = off
     default.gaussian_model(c, 'eps')

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.use_labels = False
     c.data.xflip = False
+    c.data.random_crop = False  # 'photos' only: a fresh crop at every stream position (data.random_photo_crops)
     c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default.
 
     # Network: EDM's model type and keyword arguments (jaxdiff/nets).

@@ -6,7 +6,8 @@ Data sets (`c.data.name`):
   `digits` (sklearn `load_digits`: 1,797 handwritten digits, 8x8, 1 channel, 10 classes; the
   project's default), `faces` (scikit-image `lfw_subset`: 200 faces, 25x25, 1 channel, no labels)
   and `photos` (square RGB patches cut at deterministic random places from the 9 photos listed in
-  `_PHOTOS`, no labels). One plain dict, `EMBEDDED`, maps each name to its loader function
+  `_PHOTOS`, no labels; with `c.data.random_crop` the training stream cuts a fresh crop at each
+  stream position instead, `random_photo_crops`). One plain dict, `EMBEDDED`, maps each name to its loader function
   `loader(resolution) -> (images, labels)`; a new embedded set is one more function and entry.
 - any TFDS data set prepared as ArrayRecord (`cifar10`, `mnist`, `imagenet_resized/64x64`, ...),
   read with `tfds.data_source` (random access, no TensorFlow needed). Nothing is downloaded at run
@@ -111,17 +112,24 @@ def _load_photo(module: str, name: str) -> np.ndarray:
     return photo[0] if isinstance(photo, tuple) else photo  # stereo_motorcycle: (left, right, disp)
 
 
+@functools.lru_cache(maxsize=4)
+def _usable_photos(resolution: int) -> tuple[np.ndarray, ...]:
+    """The photos of `_PHOTOS` (uint8 HWC) whose shorter side is at least `resolution`, in order."""
+    photos = [_load_photo(*spec) for spec in _PHOTOS]
+    usable = tuple(p for p in photos if min(p.shape[:2]) >= resolution)
+    if not usable:
+        largest = max(min(p.shape[:2]) for p in photos)
+        raise ValueError(f"data.resolution={resolution}: patches of the embedded 'photos' set can "
+                         f'be at most {largest} pixels a side (the shorter side of its largest photo)')
+    return usable
+
+
 def _photos(resolution: int | None) -> tuple[np.ndarray, None]:
     """RGB patches of `resolution` pixels a side (default 32), cut at random places (fixed seed)
     from the photos in `_PHOTOS` whose shorter side is at least `resolution`, taken in turn.
     Count: 2**22 / resolution**2 patches, at least 64 and at most 1,024 (1,024 up to 64x64)."""
     resolution = resolution or 32
-    photos = [_load_photo(*spec) for spec in _PHOTOS]
-    largest = max(min(p.shape[:2]) for p in photos)
-    photos = [p for p in photos if min(p.shape[:2]) >= resolution]
-    if not photos:
-        raise ValueError(f"data.resolution={resolution}: patches of the embedded 'photos' set can "
-                         f'be at most {largest} pixels a side (the shorter side of its largest photo)')
+    photos = _usable_photos(resolution)
     rng = np.random.default_rng(0)
     num = min(1024, max(64, 2**22 // resolution**2))
     patches = np.empty((num, resolution, resolution, 3), np.uint8)
@@ -131,6 +139,23 @@ def _photos(resolution: int | None) -> tuple[np.ndarray, None]:
         left = rng.integers(photo.shape[1] - resolution + 1)
         patches[k] = photo[top:top + resolution, left:left + resolution]
     return patches.astype(np.float32) / 127.5 - 1.0, None
+
+
+def random_photo_crops(seed: int, positions: np.ndarray, records: np.ndarray, resolution: int) -> np.ndarray:
+    """`data.random_crop` for the photos: the example at stream position s (record r) is a fresh
+    resolution-sized crop of record r's photo (photo r mod P, as the fixed patch r is), its corner
+    (top, left) = (h mod (H - res + 1), (h >> 32) mod (W - res + 1)) for h a keyed hash of (seed, s).
+    So every pass over the data sees new crops, the same under any batching, restart or process
+    count. float32 NHWC in [-1, 1]."""
+    photos = _usable_photos(resolution)
+    hashes = _mix64(np.asarray(positions, np.uint64) ^ _seed_key(seed, 2))
+    out = np.empty((len(records), resolution, resolution, 3), np.float32)
+    for i, (record, h) in enumerate(zip(np.asarray(records), hashes)):
+        photo = photos[int(record) % len(photos)]
+        top = int(h % np.uint64(photo.shape[0] - resolution + 1))
+        left = int((h >> np.uint64(32)) % np.uint64(photo.shape[1] - resolution + 1))
+        out[i] = photo[top:top + resolution, left:left + resolution]
+    return out / 127.5 - 1.0
 
 
 EMBEDDED: dict[str, Callable[[int | None], tuple[np.ndarray, np.ndarray | None]]] = {
@@ -222,9 +247,11 @@ def _check_fields(data_config) -> None:
         value = _field(data_config, field)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f'data.{field} must be a positive integer, got {value!r}')
-    for field in ('use_labels', 'xflip'):
+    for field in ('use_labels', 'xflip', 'random_crop'):
         if not isinstance(_field(data_config, field, False), (bool, np.bool_)):
             raise ValueError(f'data.{field} must be True or False, got {_field(data_config, field)!r}')
+    if _field(data_config, 'random_crop', False) and name != 'photos':
+        raise ValueError(f"data.random_crop=True crops the embedded 'photos' afresh; data.name is {name!r}")
 
 
 def _check_against(data_config, *, resolution: int, channels: int, num_classes: int) -> None:
@@ -381,11 +408,15 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int, process_in
     info, read = _open(data_config)
     local_batch = global_batch_size // process_count
     xflip, use_labels = bool(data_config.xflip), bool(data_config.use_labels)
+    random_crop = bool(_field(data_config, 'random_crop', False))
     eye = np.eye(info.num_classes, dtype=np.float32)
 
     def load_batch(step: int) -> dict[str, np.ndarray]:
         positions = step * global_batch_size + process_index * local_batch + np.arange(local_batch)
-        images, labels = read(stream_records(seed, positions, info.num_examples))
+        records = stream_records(seed, positions, info.num_examples)
+        images, labels = read(records)
+        if random_crop:
+            images = random_photo_crops(seed, positions, records, info.resolution)
         if xflip:
             images = np.where(flip_mask(seed, positions)[:, None, None, None], images[:, :, ::-1], images)
         batch = {'image': np.ascontiguousarray(images, np.float32)}
@@ -396,7 +427,7 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int, process_in
     steps = grain.MapDataset.range(sys.maxsize // global_batch_size)
     fingerprint = dict(dataset=info.name, split=_field(data_config, 'split', 'train'),
                        num_examples=info.num_examples, global_batch_size=int(global_batch_size),
-                       seed=int(seed))
+                       seed=int(seed), random_crop=random_crop)
     return TrainIterator(steps.map(load_batch), info, fingerprint)
 
 

@@ -110,8 +110,17 @@ def multiscale_square_error(error, lowest: int):
     return total
 
 
+def min_snr_weight(logsnr, target: str, gamma: float):
+    """Min-SNR-gamma (Hang et al. 2023, eq. 7): weight the x0 error by min(SNR, gamma), which on a
+    variance-preserving process is min(SNR, gamma) / SNR on the eps loss and min(SNR, gamma) / (SNR + 1)
+    on the v loss (SNR = exp(logsnr)); denoising-diffusion-pytorch's simple_diffusion weights so."""
+    snr = jnp.exp(logsnr)
+    clipped = jnp.minimum(snr, gamma)
+    return {'eps': clipped / snr, 'v': clipped / (snr + 1), 'x0': clipped}[target]
+
+
 def diffusion_loss(model, images, key=None, labels=None, *, process, target: str = 'eps', vlb_weight: float = 0.0,
-                   multiscale_lowest: int = 0, t=None, noise=None):
+                   multiscale_lowest: int = 0, min_snr_gamma: float = 0.0, t=None, noise=None):
     """The denoising loss of a model on any process, per element (DDPM's L_simple for 'eps'):
 
         t ~ `draw_times`,  z_t = process.diffuse(x, t, eps),  (x0_hat, eps_hat) = model(z_t, t),
@@ -122,7 +131,8 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
     'eps' is fine. With `target='eps'` this is score-SDE's denoising score matching with
     lambda(t) = sigma_t^2 (score = -eps / sigma), and Ho et al.'s L_simple. `multiscale_lowest` > 0
     squares the error at every scale from that size up to the image's (`multiscale_square_error`,
-    simple diffusion's multiscale loss; the error is taken in pixel space). `vlb_weight` > 0 adds
+    simple diffusion's multiscale loss; the error is taken in pixel space). `min_snr_gamma` > 0 weights
+    by Min-SNR-gamma (Hang et al. 2023; `min_snr_weight`). `vlb_weight` > 0 adds
     iDDPM's hybrid term (`vlb_term`, learned variance on a Discrete schedule):
     loss + vlb_weight * T * L_t / ln 2, which is iDDPM's L_simple + 0.001 L_vlb for 0.001.
     `t` ([N]) and `noise` (unit normal, images' shape) may be passed instead of drawn.
@@ -145,6 +155,8 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
         basis = process.to_basis
         error = process.from_basis(alpha * basis(prediction.eps - noise) - sigma * basis(prediction.x0 - images))
     loss = multiscale_square_error(error, multiscale_lowest) if multiscale_lowest else jnp.square(error)
+    if min_snr_gamma:
+        loss = loss * min_snr_weight(process.logsnr(t, images.shape, images.dtype), target, min_snr_gamma)
     if vlb_weight:
         T = check_vlb(process, prediction.variance_fraction is not None)
         loss = loss + (vlb_weight * T / math.log(2)) * vlb_term(process.schedule, prediction, images, z, t)

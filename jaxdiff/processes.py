@@ -123,7 +123,9 @@ class InterpolatedCosine:
     """Simple diffusion's interpolated schedule (eq. 6; `schedules.logsnr_cosine_interpolated`):
     lambda(t) = t lambda_shift high_d(t) + (1 - t) lambda_shift low_d(t), on the noisier shift-low_d
     schedule at t = 0 and the shift-high_d one at t = 1; variance preserving. Its inverse is a host
-    bisection (time grids only)."""
+    bisection (time grids only). low_d > high_d is allowed: it is denoising-diffusion-pytorch's
+    `logsnr_schedule_interpolated(noise_d_low=high_d, noise_d_high=low_d)`, which weights the ends the
+    other way round."""
     image_d: int
     low_d: int = 32
     high_d: int = 256
@@ -135,8 +137,9 @@ class InterpolatedCosine:
 
     def __post_init__(self):
         t0, t1 = schedules._logsnr_cosine_limits(self.logsnr_min, self.logsnr_max)
-        if not 1 <= self.low_d < self.high_d:
-            raise ValueError(f'InterpolatedCosine.low_d={self.low_d} must be positive and below high_d={self.high_d}')
+        if self.image_d < 1 or self.low_d < 1 or self.high_d < 1:
+            raise ValueError(f'InterpolatedCosine.image_d={self.image_d}, low_d={self.low_d} and high_d={self.high_d} '
+                             'must be positive')
         if 2 * np.log(self.high_d / self.low_d) >= 4 * (t1 - t0):
             raise ValueError(f'InterpolatedCosine.low_d={self.low_d}, high_d={self.high_d}: the schedule would not '
                              'decrease monotonically (2 log(high_d / low_d) must be below 4 (t1 - t0))')

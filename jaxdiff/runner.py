@@ -41,7 +41,8 @@ TRAJECTORY_FREE = ('preset', 'sample', 'eval', 'mesh', 'data.data_dir', 'train.t
                    'train.sample_every_steps', 'train.allow_config_change')
 # Fields added to the configs after runs were made with them absent, and the value that behaves as
 # their absence did: an older workdir resumes unless the field was set to something else.
-ADDED_FIELDS = {'model.label_dropout': 0.0, 'loss.vlb_weight': 0.0, 'loss.multiscale_lowest': 0}
+ADDED_FIELDS = {'model.label_dropout': 0.0, 'loss.vlb_weight': 0.0, 'loss.multiscale_lowest': 0,
+                'loss.min_snr_gamma': 0.0, 'data.random_crop': False}
 MAX_CHANGES_SHOWN = 8
 
 

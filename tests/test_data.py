@@ -179,6 +179,40 @@ def test_restored_iterator_state_continues_the_same_stream_bit_exactly():
         data.train_iterator(c, global_batch_size=48, seed=12).set_state(state)
 
 
+def test_random_photo_crops_are_fresh_crops_of_the_records_photo_and_resume_exactly():
+    """data.random_crop: each stream position gets its own crop, cut from the photo of its record (the
+    fixed patch's photo); the stream is the same under another batching, on two processes and after
+    a restore; crops lie inside their photo (found there pixel for pixel); flips apply on top."""
+    c = data_config(name='photos', resolution=32, channels=3, random_crop=True, xflip=True)
+    batches = take(data.train_iterator(c, global_batch_size=16, seed=3), 8)
+    images = np.concatenate([b['image'] for b in batches])
+    positions = np.arange(len(images))
+    records = data.stream_records(3, positions, data.dataset_info(c).num_examples)
+    flips = data.flip_mask(3, positions)
+    unflipped = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    np.testing.assert_array_equal(unflipped, data.random_photo_crops(3, positions, records, 32))
+    photos = data._usable_photos(32)
+    for i in range(0, len(images), 17):  # each crop is a window of its record's photo
+        photo = photos[records[i] % len(photos)].astype(np.float32) / 127.5 - 1.0
+        windows = np.lib.stride_tricks.sliding_window_view(photo, (32, 32, 3))[:, :, 0]
+        assert np.any(np.all(windows == unflipped[i], axis=(2, 3, 4)))
+    fixed = data.load_embedded('photos', 32)[0][records]
+    assert np.mean(np.all(unflipped == fixed, axis=(1, 2, 3))) < 0.05  # not the fixed patches
+    # Another batch size, two processes and a restored state give the same examples.
+    other = np.concatenate([b['image'] for b in take(data.train_iterator(c, global_batch_size=32, seed=3), 4)])
+    np.testing.assert_array_equal(other, images)
+    part = take(data.train_iterator(c, global_batch_size=16, seed=3, process_index=1, process_count=2), 2)
+    np.testing.assert_array_equal(part[1]['image'], batches[1]['image'][8:])
+    iterator = data.train_iterator(c, global_batch_size=16, seed=3)
+    take(iterator, 5)
+    restored = data.train_iterator(c, global_batch_size=16, seed=3)
+    restored.set_state(json.loads(json.dumps(iterator.get_state())))
+    np.testing.assert_array_equal(next(restored)['image'], batches[5]['image'])
+    with pytest.raises(ValueError, match='random_crop'):
+        data.train_iterator(data_config(name='photos', resolution=32, channels=3), global_batch_size=16,
+                            seed=3).set_state(iterator.get_state())
+
+
 def test_eval_images_are_a_deterministic_sample_of_distinct_real_images():
     c = data_config()
     images, labels = data.eval_images(c, 500, seed=2)
@@ -293,6 +327,8 @@ def test_prepared_array_record_data_set_reads_exact_pixels(tmp_path, no_network)
     (dict(name='photos', resolution=32, channels=1), 'data.channels'),
     (dict(split='test'), 'data.split'),
     (dict(xflip='yes'), 'data.xflip'),
+    (dict(random_crop=True), 'data.random_crop'),  # digits
+    (dict(name='photos', resolution=32, channels=3, random_crop=1), 'data.random_crop'),
     (dict(name=''), 'data.name'),
 ])
 def test_bad_config_fields_are_named(fields, field):

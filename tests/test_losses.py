@@ -1,5 +1,7 @@
 """Losses against NVlabs/edm: with EDM's draws injected and its recorded denoiser output fed back,
 our losses must derive the same sigma and noisy input and return the same per-element loss."""
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,3 +299,45 @@ def test_multiscale_loss_weights_low_resolutions_as_the_paper():
 def test_multiscale_scales_reject_sizes_that_are_not_a_power_of_two_apart(d, lowest):
     with pytest.raises(ValueError, match='loss.multiscale_lowest'):
         losses.multiscale_scales(d, lowest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Simple diffusion against denoising-diffusion-pytorch's simple_diffusion.py (recorded by
+# tests/data/make_gaussian_refs.py in float64): q_sample and the per-image v / eps losses.
+
+SIMPLE_REF = pathlib.Path(__file__).parent / 'data' / 'gaussian' / 'ddpm_pytorch_schedules.npz'
+# Its 'cosine' run is the plain cosine on [-15, 15]; 'interp128' interpolates 32 -> 256 at 128 px with
+# the weights the other way round from eq. (6), which InterpolatedCosine gives with low_d and high_d swapped.
+SIMPLE_SCHEDULES = {'cosine': processes.Cosine(-15.0, 15.0),
+                    'interp128': processes.InterpolatedCosine(128, low_d=256, high_d=32)}
+
+
+@pytest.mark.parametrize('name', sorted(SIMPLE_SCHEDULES))
+@pytest.mark.parametrize('target', ['v', 'eps'])
+def test_simple_diffusion_loss_matches_denoising_diffusion_pytorch(name, target):
+    ref = np.load(SIMPLE_REF)
+    x, noise, t, raw = (ref[f'inputs/{k}'] for k in ('x_start', 'noise', 'times', 'model_pred'))
+    process = processes.GaussianProcess(SIMPLE_SCHEDULES[name])
+    seen = {}
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(process.schedule.logsnr(t), ref[f'{name}/q_sample/log_snr'], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(process.diffuse(jnp.asarray(x), jnp.asarray(t), jnp.asarray(noise)),
+                                   ref[f'{name}/q_sample/x_noised'], rtol=1e-12, atol=1e-12)
+        model = recording_model(process, target, lambda z: jnp.asarray(raw), seen)
+        loss_fn = lambda gamma: np.asarray(losses.diffusion_loss(
+            model, jnp.asarray(x), None, process=process, target=target, min_snr_gamma=gamma, t=jnp.asarray(t),
+            noise=jnp.asarray(noise))).mean(axis=(1, 2, 3))
+        loss, loss_min_snr = loss_fn(0.0), loss_fn(5.0)
+        plain = np.asarray(losses.diffusion_loss(model, jnp.asarray(x), None, process=process, target=target,
+                                                 t=jnp.asarray(t), noise=jnp.asarray(noise)))
+    np.testing.assert_allclose(seen['z'], ref[f'{name}/q_sample/x_noised'], rtol=1e-12, atol=1e-12)
+    # The regression target it captured (v = alpha eps - sigma x, or eps): |raw - target| = sqrt(loss).
+    np.testing.assert_allclose(np.abs(raw - ref[f'{name}/p_losses/{target}/minsnroff/target']), np.sqrt(plain),
+                               rtol=1e-10, atol=1e-12)
+    # Its per-image loss is the mean squared error times min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v),
+    # with gamma = infinity when min-SNR is off (so the v loss is weighted by SNR / (SNR + 1) = alpha^2).
+    snr = np.exp(ref[f'{name}/q_sample/log_snr'])
+    unclipped = 1.0 if target == 'eps' else snr / (snr + 1)
+    # float64 sums and sqrt(sigmoid) on both sides: 1e-12 relative.
+    np.testing.assert_allclose(loss * unclipped, ref[f'{name}/p_losses/{target}/minsnroff/losses'], rtol=1e-12)
+    np.testing.assert_allclose(loss_min_snr, ref[f'{name}/p_losses/{target}/minsnr5/losses'], rtol=1e-12)

@@ -1,13 +1,13 @@
 """The Gaussian-process methods' shared shape (ddpm, score_sde, blurring): a process of
 `config.process`, a `parameterize` model of `config.model` (output eps | x0 | v, learned variance),
 the denoising loss on it (`config.loss.type`: the target eps | x0 | v; `loss.vlb_weight`: iDDPM's
-hybrid L_vlb term; `loss.multiscale_lowest`: simple diffusion's multiscale loss) and any sampler of
-the core."""
+hybrid L_vlb term; `loss.multiscale_lowest`: simple diffusion's multiscale loss; `loss.min_snr_gamma`: Min-SNR-gamma
+weighting) and any sampler of the core."""
 from __future__ import annotations
 
 import functools
 
-from jaxdiff import losses, train
+from jaxdiff import losses, processes, train
 from jaxdiff.methods import common
 
 NEEDS_PRIOR_IMAGES = False
@@ -43,9 +43,16 @@ def loss(config):
         losses.check_vlb(process, config.model.get('learned_variance', False))
     lowest = config.loss.get('multiscale_lowest', 0)
     if lowest:
+        train.check_number(config, 'loss.multiscale_lowest', low=1, integer=True)
         losses.multiscale_scales(config.data.resolution, lowest)  # a ValueError naming the field
+    gamma = config.loss.get('min_snr_gamma', 0.0)
+    if gamma:
+        train.check_number(config, 'loss.min_snr_gamma', low=0)
+        if not isinstance(process, processes.GaussianProcess):
+            raise ValueError('loss.min_snr_gamma weights by the scalar SNR of a GaussianProcess; '
+                             f'process is a {type(process).__name__}')
     return functools.partial(losses.diffusion_loss, process=process, target=config.loss.type, vlb_weight=vlb_weight,
-                             multiscale_lowest=lowest)
+                             multiscale_lowest=lowest, min_snr_gamma=gamma)
 
 
 def sampling(config, prior_images=None) -> common.Sampling:
