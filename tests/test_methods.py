@@ -19,6 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from configs import blurring, ddpm, dit as dit_config, edm as edm_config, ihdm as ihdm_config, score_sde  # noqa: E402
+from configs import simple_diffusion  # noqa: E402
 
 BATCH = 16
 pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'),
@@ -146,7 +147,8 @@ def test_the_empty_preset_is_digits_and_an_unknown_one_names_the_file(module, me
         module.get_config('cifar100')
 
 
-@pytest.mark.parametrize('module, preset', [(m, p) for m in (blurring, ihdm_config, ddpm, score_sde, dit_config) for p in m.PRESETS]
+@pytest.mark.parametrize('module, preset', [(m, p) for m in (blurring, ihdm_config, ddpm, score_sde, dit_config,
+                                                             simple_diffusion) for p in m.PRESETS]
                          + [(edm_config, p) for p in ('digits_convnext', 'digits_uvit', 'digits_dit', 'digits_cond')])
 def test_every_preset_builds_its_network_loss_and_sampler(module, preset):
     config = module.get_config(preset)
@@ -209,3 +211,44 @@ def test_photos128_preset_trains_and_samples_on_128px_photo_patches(tmp_path):
     with np.load(out['samples_file']) as f:
         images = f['images']
     assert images.shape == (2, 128, 128, 3) and images.dtype == np.uint8
+
+
+def test_simple_diffusion_config_follows_the_image_size_and_uses_the_multiscale_v_model():
+    """configs/simple_diffusion.py: the shifted cosine takes image_d from data.resolution (so a
+    --config.data.resolution override shifts it), v output with the eps loss, multiscale from 8; the
+    imagenet512 preset interpolates 32 -> 256 (eq. 6)."""
+    from jaxdiff.methods import common
+    config = simple_diffusion.get_config()
+    assert (config.preset, config.method, config.data.name) == ('photos32', 'simple_diffusion', 'photos')
+    assert config.data.random_crop and config.model.output == 'v' and config.loss.type == 'eps'
+    process = common.build_process(config)
+    assert process.schedule == processes.ShiftedCosine(32, 32)
+    config.data.resolution = 64
+    assert common.build_process(config).schedule == processes.ShiftedCosine(64, 32)
+    assert common.build_process(simple_diffusion.get_config('imagenet512')).schedule == processes.InterpolatedCosine(512)
+    loss = builders.build_loss(simple_diffusion.get_config())
+    assert loss.keywords['multiscale_lowest'] == 8 and loss.keywords['target'] == 'eps'
+    config = simple_diffusion.get_config()
+    config.loss.multiscale_lowest = 12
+    with pytest.raises(ValueError, match=r'loss\.multiscale_lowest=12'):
+        builders.build_loss(config)
+    config.loss.multiscale_lowest, config.loss.min_snr_gamma = 8, -1.0
+    with pytest.raises(ValueError, match=r'loss\.min_snr_gamma'):
+        builders.build_loss(config)
+    with pytest.raises(ValueError, match=r"Unknown preset 'cifar100' for configs/simple_diffusion\.py"):
+        simple_diffusion.get_config('cifar100')
+
+
+@pytest.mark.slow  # about a minute on 2 cores, most of it compiling
+def test_simple_diffusion_default_trains_samples_and_scores_on_photo_crops(tmp_path):
+    """The default preset end to end, narrowed: random 32 px photo crops, the U-ViT, the multiscale
+    loss, DDIM sampling, scored against the fixed patches with the default features."""
+    config = simple_diffusion.get_config()
+    k = config.model.kwargs
+    k.model_channels, k.transformer_channels, k.num_transformer_blocks = 16, 32, 1
+    config.train.batch_size, config.train.total_images, config.train.checkpoint_every_steps = 16, 32, 1
+    config.sample.num_steps, config.sample.num_samples, config.sample.batch_size = 4, 16, 16
+    config.eval.num_samples, config.eval.batch_size = 64, 64
+    runner.train_and_evaluate(config, tmp_path)
+    report = json.loads((tmp_path / 'eval_00000002.json').read_text())
+    assert report['num_samples'] == 64 and np.isfinite(report['fd']) and report['fd'] > 0

@@ -14,10 +14,12 @@ Nothing outside this package compares `config.method`.
 """
 from __future__ import annotations
 
-from jaxdiff.methods import blurring, ddpm, edm, ihdm, score_sde
+from jaxdiff.methods import blurring, ddpm, edm, gaussian, ihdm, score_sde
 from jaxdiff.methods.common import Sampling
 
-METHODS = {'edm': edm, 'ddpm': ddpm, 'score_sde': score_sde, 'blurring': blurring, 'ihdm': ihdm}
+# simple diffusion is the Gaussian core with its own schedule, loss option and network: no module of its own.
+METHODS = {'edm': edm, 'ddpm': ddpm, 'score_sde': score_sde, 'blurring': blurring, 'ihdm': ihdm,
+           'simple_diffusion': gaussian}
 
 
 def get(config):

@@ -41,12 +41,15 @@ def _errors_name(prefix: str):
 @_errors_name('process')
 def build_process(config):
     """`config.process`: `schedule` (a name in `processes.SCHEDULES`) and its fields, plus the
-    blurring fields (sigma_blur_max, min_scale) for a BlurringProcess."""
+    blurring fields (sigma_blur_max, min_scale) for a BlurringProcess. The resolution-shifted
+    cosines take `image_d` from `data.resolution` unless it is set."""
     fields = dict(config.process.to_dict())
     kind = fields.pop('schedule', 'cosine')
     if kind not in processes.SCHEDULES:
         raise ValueError(f'process.schedule must be one of {tuple(processes.SCHEDULES)}, got {kind!r}')
     blur = {k: fields.pop(k) for k in ('sigma_blur_max', 'min_scale') if k in fields}
+    if kind in ('cosine_shifted', 'cosine_interpolated') and fields.get('image_d') is None:
+        fields['image_d'] = config.data.resolution  # simple diffusion: the schedule follows the image size
     if 'beta_kwargs' in fields:
         fields['beta_kwargs'] = tuple(sorted(dict(fields['beta_kwargs']).items()))
     schedule = processes.SCHEDULES[kind](**fields)
