@@ -44,14 +44,29 @@ Features (`config.eval.features`, one of `FEATURES`):
                on the samples quantised to uint8 (as published FIDs are computed on saved images;
                one channel repeated to RGB, as EDM's fid.py does), against the reference file
                `config.eval.ref` (mu, sigma, and the reference features KID and PRDC need).
-  'auto'       'digits' for the 8x8 one-channel digits data set, else 'inception'.
+  'random'     the fixed random-CNN features of `nets.random_features` (D = 358 for RGB, 354 for
+               one channel; weights drawn from numpy's default_rng(2020), nothing to download) on
+               the samples quantised to uint8 as for Inception, against a reference file of the
+               same network. Untrained: it measures colour, contrast, edges and texture at four
+               scales, not semantics. Its FD is not FID and is comparable only with other runs'
+               FD on random features of the same data at the same resolution. No logits: 'is' is
+               an error with eval.features='random', and skipped (with a note) under 'auto'.
+  'auto'       'digits' for the 8x8 one-channel digits data set; else 'inception' when
+               `config.eval.inception_weights` is set; else 'random'.
 
 Reference files (`compute_reference`, EDM's `fid.py ref`): an .npz with `mu` [D] and `sigma`
 [D, D] (float64: all of the split's images, no flips), which EDM's fid.py reads as it is, plus
 `features` [K, D] float32: the features of the K = min(eval.ref_num_features, size) images that
 `data.eval_images(config.data, K, seed=0)` returns (a uniform random subset, in data-set order),
 and `meta` (a JSON string: data set, resolution, network, counts). EDM's own reference files,
-which have no `features`, give FD only (KID and PRDC are then skipped, with a note).
+which have no `features`, give FD only (KID and PRDC are then skipped, with a note). A file is
+used only with the network that made it (meta 'network'; a file without it is taken as
+Inception, EDM's): another network's file is an error naming eval.ref. With eval.ref unset the
+file is <workdir>/ref_<data.name>.npz (`default_ref_path`), or ref_<data.name>_random.npz for the
+random features, so the two never overwrite each other. For an embedded data set
+(`data.EMBEDDED`, at most 1,024 images) scored with the random features, a missing file is
+computed on the spot (seconds) and written there, so a default run on the photos scores with no
+`--mode=ref`; TFDS data sets, and Inception features, need the explicit `--mode=ref`.
 
 Several processes: every process calls these functions. Each draws and scores its own share of
 the seeds (contiguous blocks of `config.eval.batch_size` seeds), and the features are gathered
@@ -77,12 +92,13 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdiff import data, images, metrics
+from jaxdiff.nets import random_features
 from jaxdiff.workdir import write_atomically
 from jaxdiff.monitor import log as _logger
 
 METRICS = ('fd', 'kid', 'prdc', 'is', 'bpd')
 SAMPLE_METRICS = ('fd', 'kid', 'prdc', 'is')  # the ones that need samples
-FEATURES = ('auto', 'digits', 'inception')
+FEATURES = ('auto', 'digits', 'inception', 'random')
 BPD_PROCESSES = ('edm', 'vp', 've')  # precond.type values with a likelihood.*_process
 REF_SUBSET_SEED = 0  # reference features: the images of data.eval_images(config.data, K, seed=0)
 IS_SPLITS = 10
@@ -111,6 +127,9 @@ def check_config(config) -> None:
                          f"('fd', 'kid', 'prdc', 'is' score samples, 'bpd' the data's likelihood)")
     if e.features not in FEATURES:
         raise ValueError(f'eval.features must be one of {FEATURES}, got {e.features!r}')
+    if e.features == 'random' and 'is' in metric_names:
+        raise ValueError("eval.metrics has 'is', which needs a classifier's logits, and "
+                         "eval.features='random' has none: drop 'is' from eval.metrics")
     for field, low in (('num_samples', 2), ('seed_sets', 1), ('batch_size', 1), ('seed', 0),
                        ('ref_num_features', 0), ('bpd_num_images', 1)):
         value = e[field]
@@ -124,25 +143,37 @@ def check_config(config) -> None:
 
 
 def resolve_features(config) -> str:
-    """'digits' or 'inception': `config.eval.features` with 'auto' resolved (digits for the 8x8
-    one-channel digits data set, inception otherwise), checked against `config.data`."""
+    """'digits', 'inception' or 'random': `config.eval.features` with 'auto' resolved (digits for
+    the 8x8 one-channel digits data set, else inception when eval.inception_weights is set, else
+    random), checked against `config.data`."""
     kind, d = config.eval.features, config.data
     if kind not in FEATURES:
         raise ValueError(f'eval.features must be one of {FEATURES}, got {kind!r}')
     is_digits = d.name == 'digits' and d.resolution == 8 and d.channels == 1
     if kind == 'auto':
-        return 'digits' if is_digits else 'inception'
+        kind = 'digits' if is_digits else 'inception' if config.eval.inception_weights else 'random'
     if kind == 'digits' and not is_digits:
         raise ValueError(f"eval.features='digits' scores the 8x8 digits with the digits classifier, "
                          f'but data is {d.name!r} at {d.resolution}x{d.resolution}x{d.channels}: '
-                         f"use eval.features='inception' (or 'auto')")
+                         f"use eval.features='random', 'inception' (or 'auto')")
+    if kind == 'random' and d.resolution < random_features.MIN_SIZE:
+        raise ValueError(f"eval.features={config.eval.features!r}: the random features need images of at "
+                         f'least {random_features.MIN_SIZE}x{random_features.MIN_SIZE}, data.resolution '
+                         f'is {d.resolution}: set eval.inception_weights (Inception resizes to 299)')
     return kind
+
+
+def _ref_name(config, network: str) -> str:
+    """ref_<data.name>.npz, ref_<data.name>_random.npz for the random features."""
+    suffix = '_random' if network == 'random' else ''
+    return f"ref_{config.data.name.replace('/', '_')}{suffix}.npz"
 
 
 def default_ref_path(config, workdir) -> pathlib.Path:
     """Where `--mode=ref` writes when `eval.ref` is not set: <workdir>/ref_<data.name>.npz
-    ('/' in TFDS names such as imagenet_resized/64x64 becomes '_')."""
-    return pathlib.Path(workdir) / f"ref_{config.data.name.replace('/', '_')}.npz"
+    ('/' in TFDS names such as imagenet_resized/64x64 becomes '_'), or
+    <workdir>/ref_<data.name>_random.npz when `resolve_features(config)` is 'random'."""
+    return pathlib.Path(workdir) / _ref_name(config, resolve_features(config))
 
 
 def _ref_command(config, workdir) -> str:
@@ -199,12 +230,23 @@ def load_inception(config) -> FeaturesFn:
     return inception_features_fn(params)
 
 
+def random_features_fn(x) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D], logits [N, 0]) of images float32 NHWC in [-1, 1] through the random CNN
+    (`nets.random_features`), on the images quantised to uint8 and back, x -> round(127.5 (x + 1))
+    / 127.5 - 1, as the Inception features see saved images."""
+    x = images.to_uint8(x).astype(np.float32) / 127.5 - 1.0
+    features, logits = random_features.random_features(x)
+    return np.asarray(features), np.asarray(logits)
+
+
 def _network(config, kind: str, features_fn: FeaturesFn | None) -> tuple[FeaturesFn, str]:
     """(features_fn, network name for the files): the injected function, or the one of `kind`."""
     if features_fn is not None:
         return features_fn, 'custom'
     if kind == 'digits':
         return _digits_features_fn(config.eval.batch_size), 'digits'
+    if kind == 'random':
+        return random_features_fn, 'random'
     return load_inception(config), 'inception'
 
 
@@ -266,15 +308,23 @@ def load_reference(path) -> Reference:
     return Reference(mu, sigma, features, meta)
 
 
-def _open_reference(config, workdir, network: str, log) -> tuple[Reference, pathlib.Path]:
+def _open_reference(config, workdir, network: str, log,
+                    features_fn: FeaturesFn | None = None) -> tuple[Reference, pathlib.Path | None]:
+    """The reference of eval.ref, else of <workdir>/`_ref_name`; for the random features of an
+    embedded data set a missing file is computed with `features_fn` (and written when there is a
+    workdir). Raises unless the file was made by `network` (module docstring)."""
     path = config.eval.ref
     if not path:
-        fallback = default_ref_path(config, workdir) if workdir is not None else None
-        if fallback is None or not fallback.is_file():
-            raise ValueError(f'eval.ref is not set: FID needs reference statistics of '
-                             f'{config.data.name!r}. Make them with {_ref_command(config, workdir)} '
-                             f'and pass --config.eval.ref=PATH (or leave it unset to use '
-                             f'<workdir>/ref_<data.name>.npz), or use EDM\'s published .npz')
+        fallback = pathlib.Path(workdir) / _ref_name(config, network) if workdir is not None else None
+        exists = fallback is not None and fallback.is_file()
+        if not exists and network == 'random' and config.data.name in data.EMBEDDED:
+            return _reference_on_the_spot(config, fallback, features_fn, log), fallback
+        if not exists:
+            raise ValueError(f'eval.ref is not set: {"FID" if network == "inception" else "FD"} needs '
+                             f'reference statistics of {config.data.name!r}. Make them with '
+                             f'{_ref_command(config, workdir)} and pass --config.eval.ref=PATH (or leave '
+                             f'it unset to use <workdir>/{_ref_name(config, network)}), or use EDM\'s '
+                             f'published .npz')
         log('eval.ref not set: using %s', fallback)
         path = fallback
     path = pathlib.Path(path)
@@ -285,16 +335,35 @@ def _open_reference(config, workdir, network: str, log) -> tuple[Reference, path
         ref = load_reference(path)
     except ValueError as error:
         raise ValueError(f'eval.ref: {error}') from None
-    made_by = ref.meta.get('network')
-    if made_by and network != 'custom' and made_by != 'custom' and made_by != network:
+    made_by = ref.meta.get('network') or 'inception'  # EDM's files (no meta) hold Inception statistics
+    if network != 'custom' and made_by != 'custom' and made_by != network:
         raise ValueError(f'eval.ref={str(path)!r} holds {made_by} features but the samples get '
                          f'{network} features (eval.features): make a matching file with --mode=ref')
+    if network == 'random' and (ref.meta.get('random_seed') != random_features.SEED
+                                or ref.mu.size != random_features.feature_dim(config.data.channels)):
+        raise ValueError(f'eval.ref={str(path)!r} was made by another random network (seed '
+                         f'{ref.meta.get("random_seed")}, {ref.mu.size} features; this one: seed '
+                         f'{random_features.SEED}, {random_features.feature_dim(config.data.channels)}): '
+                         f'delete it or make a new one with --mode=ref')
     for field in ('name', 'resolution'):
         recorded = ref.meta.get('dataset' if field == 'name' else field)
         if recorded is not None and recorded != config.data[field]:
             log('warning: eval.ref %s was made from data.%s=%r, this run has %r',
                 path, field, recorded, config.data[field])
     return ref, path
+
+
+def _reference_on_the_spot(config, path: pathlib.Path | None, features_fn: FeaturesFn, log) -> Reference:
+    """`compute_reference`'s statistics of an embedded data set (at most 1,024 images), computed by
+    this process alone (no collective: a process that sees no file, e.g. one given no work
+    directory, computes the same figures by itself), written to `path` (main process) unless None."""
+    ref, seconds = _reference_statistics(config, features_fn, 'random', log, shared=False)
+    if path is not None and _is_main():
+        save_reference(path, ref.mu, ref.sigma, ref.features if len(ref.features) else None, **ref.meta)
+    log('eval.ref not set and no %s: computed the random-feature statistics of the %d %s images in '
+        '%.1f s%s', path.name if path is not None else 'work directory', ref.meta['num_images'],
+        config.data.name, seconds, f', wrote {path}' if path is not None else ' (not saved: no work directory)')
+    return ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,12 +634,15 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
     skipped = {}
     if sample_metrics and kind != 'digits':
         network, network_name = _network(config, kind, features_fn)
-        ref, ref_path = _open_reference(config, workdir, network_name, log)
+        ref, ref_path = _open_reference(config, workdir, network_name, log, network)
         if ref.features is None or len(ref.features) < MIN_REF_FEATURES:
             for m in sorted(sample_metrics & {'kid', 'prdc'}):
-                skipped[m] = (f'{ref_path} holds no reference features (or fewer than {MIN_REF_FEATURES}; '
-                              f'EDM\'s statistics files have none): make one with --mode=ref and '
-                              f'eval.ref_num_features > 0')
+                skipped[m] = (f'{ref_path or "the reference"} holds no reference features (or fewer than '
+                              f'{MIN_REF_FEATURES}; EDM\'s statistics files have none): make one with '
+                              f'--mode=ref and eval.ref_num_features > 0')
+        if kind == 'random' and 'is' in sample_metrics:  # eval.features='auto' (check_config refuses 'random')
+            skipped['is'] = ("the random features have no classifier logits (set eval.inception_weights for "
+                             "Inception features, or drop 'is' from eval.metrics)")
 
     n, sets_count = e.num_samples, e.seed_sets
     seeds = [e.seed + j * n for j in range(sets_count)]
@@ -670,11 +742,25 @@ def compute_reference(config, out_path, *, features_fn: FeaturesFn | None = None
     check_config(config)
     kind = 'custom' if features_fn is not None else resolve_features(config)
     network, network_name = _network(config, kind, features_fn)
+    ref, seconds = _reference_statistics(config, network, network_name, log)
+    if _is_main():
+        save_reference(out_path, ref.mu, ref.sigma, ref.features if len(ref.features) else None, **ref.meta)
+    rate = ref.meta['num_images'] / max(seconds, 1e-9)
+    log('Wrote %s: statistics of %d images and %d of their features in %.1f s (%.0f images/s)',
+        out_path, ref.meta['num_images'], len(ref.features), seconds, rate)
+    return {**ref.meta, 'path': str(out_path), 'seconds': seconds, 'images_per_sec': rate}
+
+
+def _reference_statistics(config, network: FeaturesFn, network_name: str, log,
+                          shared: bool = True) -> tuple[Reference, float]:
+    """(Reference with mu, sigma float64 of all of config.data, the features [K, D] of its
+    documented subset (K may be 0) and meta; seconds): `compute_reference` less the writing.
+    shared: the processes split the records and merge (all must call it); else this one does all."""
     info, read = data._open(config.data)  # (validated info, read(records) -> images, labels)
     total, bs = info.num_examples, config.eval.batch_size
     num_features = min(config.eval.ref_num_features, total)
     subset = np.sort(np.random.default_rng(REF_SUBSET_SEED).choice(total, num_features, replace=False))
-    p, count = jax.process_index(), jax.process_count()
+    p, count = (jax.process_index(), jax.process_count()) if shared else (0, 1)
     lo, hi = p * total // count, (p + 1) * total // count
     starts = range(lo, hi, bs)
     log('Reference statistics of %s (%s split, %d images, %dx%dx%d) with %s features; %d processes',
@@ -703,8 +789,9 @@ def compute_reference(config, out_path, *, features_fn: FeaturesFn | None = None
     bar.close()
     seconds = time.perf_counter() - start_time
     dim = stats.dim if stats.dim is not None else _feature_dim(network, info, bs)
-    stats = _merge_across_processes(stats, dim)
-    features = _gather(np.concatenate(kept) if kept else np.zeros((0, dim), np.float32))
+    features = np.concatenate(kept) if kept else np.zeros((0, dim), np.float32)
+    if shared:
+        stats, features = _merge_across_processes(stats, dim), _gather(features)
     mu, sigma = stats.finalize()
     meta = {
         'dataset': info.name,
@@ -718,14 +805,11 @@ def compute_reference(config, out_path, *, features_fn: FeaturesFn | None = None
         'feature_dim': int(dim),
         'num_features': int(len(features)),
         'features_subset': f'data.eval_images(config.data, {num_features}, seed={REF_SUBSET_SEED})',
-        'quantized': network_name == 'inception',
+        'quantized': network_name in ('inception', 'random'),
     }
-    if _is_main():
-        save_reference(out_path, mu, sigma, features if len(features) else None, **meta)
-    rate = (hi - lo) * count / max(seconds, 1e-9)
-    log('Wrote %s: statistics of %d images and %d of their features in %.1f s (%.0f images/s)',
-        out_path, stats.count, len(features), seconds, rate)
-    return {**meta, 'path': str(out_path), 'seconds': seconds, 'images_per_sec': rate}
+    if network_name == 'random':
+        meta['random_seed'] = random_features.SEED
+    return Reference(mu, sigma, features, meta), seconds
 
 
 def _feature_dim(network: FeaturesFn, info: data.DatasetInfo, batch_size: int) -> int:

@@ -59,8 +59,10 @@ class Lines:
 
 
 def faces_config(**eval_fields):
+    """The faces scored on Inception features (the stand-in network in most tests)."""
     c = edm.get_config()
     c.data.name, c.data.resolution, c.data.channels = 'faces', 25, 1
+    c.eval.features = 'inception'
     for k, v in eval_fields.items():
         c.eval[k] = v
     return c
@@ -291,6 +293,110 @@ def test_real_inception_features_path(tmp_path, monkeypatch):
     assert result['kid'] == pytest.approx(metrics.kernel_inception_distance(pool, pool)[0], rel=1e-4)
     assert result['is'] == pytest.approx(metrics.inception_score(logits, splits=8)[0], rel=1e-6)
     assert result['precision'] == result['recall'] == result['coverage'] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Random features (nets.random_features): no weights to download
+
+
+@pytest.fixture
+def one_blas_thread():
+    """numpy's eigendecompositions (FD) on one OpenBLAS thread: two threads on two cores shared with
+    other jobs make a 358 x 358 FD take seconds instead of 0.1 s."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        yield
+
+
+def photos_config(**eval_fields):
+    c = edm.get_config()
+    c.data.name, c.data.resolution, c.data.channels = 'photos', 32, 3
+    for k, v in eval_fields.items():
+        c.eval[k] = v
+    return c
+
+
+def test_auto_features_resolve_to_digits_inception_or_random():
+    assert scoring.resolve_features(edm.get_config()) == 'digits'  # the 8x8 digits
+    config = photos_config()
+    assert scoring.resolve_features(config) == 'random'
+    assert scoring.default_ref_path(config, 'w') == pathlib.Path('w/ref_photos_random.npz')
+    config.eval.inception_weights = 'pt_inception.pth'
+    assert scoring.resolve_features(config) == 'inception'
+    assert scoring.default_ref_path(config, 'w') == pathlib.Path('w/ref_photos.npz')
+    config = faces_config(features='auto')  # one channel, 25 px: random too
+    assert scoring.resolve_features(config) == 'random'
+    config = edm.get_config()
+    config.data.resolution = 12  # resized digits: too small for the random network
+    with pytest.raises(ValueError, match=r"eval\.features='auto'.*at least 16x16.*data\.resolution is 12"):
+        scoring.resolve_features(config)
+    config.eval.features = 'random'
+    with pytest.raises(ValueError, match=r'eval\.metrics has .is.*random'):  # no logits: no IS
+        scoring.evaluate_samples(config, no_sampling, step=0)
+
+
+def test_random_features_score_an_embedded_set_with_no_reference_file(tmp_path, one_blas_thread):
+    """The default photos run: no eval.ref, no file in the work directory -> the reference is
+    computed on the spot from the 1,024 patches and written as ref_photos_random.npz; 'is' (a
+    default metric) is skipped under 'auto'. The patches themselves score about the real-vs-real
+    floor, noisy ones far above; the second evaluation reads the file."""
+    real = data.load_embedded('photos', 32)[0]
+    config = photos_config(num_samples=64, batch_size=64)
+    log = Lines()
+    result = scoring.evaluate_samples(config, lambda num, seed: real[seed:seed + num], step=1,
+                                      workdir=tmp_path, log=log)
+    path = tmp_path / 'ref_photos_random.npz'
+    assert 'computed the random-feature statistics of the 1024 photos images' in log and f'wrote {path}' in log
+    ref = scoring.load_reference(path)
+    assert ref.meta['network'] == 'random' and ref.meta['num_images'] == 1024 and ref.meta['feature_dim'] == 358
+    assert ref.features.shape == (1024, 358) and ref.meta['random_seed'] == 2020
+    assert result['features'] == 'random' and result['ref'] == str(path) and 'is' not in result
+    assert 'no classifier logits' in result['skipped']['is']
+    assert 0 < result['fd'] < 2 and 0 <= result['precision'] <= 1 and np.isfinite(result['kid'])
+    noise = np.random.default_rng(0).standard_normal(real.shape[1:]).astype(np.float32)
+    noisy = scoring.evaluate_samples(config, lambda num, seed: np.clip(real[seed:seed + num] + 0.2 * noise, -1, 1),
+                                     step=2, workdir=tmp_path, log=log)
+    assert 'eval.ref not set: using' in log and noisy['fd'] > 10 * result['fd']
+    # No work directory: computed the same, kept in memory.
+    again = scoring.evaluate_samples(config, lambda num, seed: real[seed:seed + num], step=1, log=Lines())
+    assert again['fd'] == pytest.approx(result['fd'], rel=1e-9) and again['ref'] is None
+
+
+def test_a_reference_of_another_network_is_refused_with_random_features(tmp_path, stand_in):
+    config = photos_config()
+    scoring.save_reference(tmp_path / 'inception.npz', np.zeros(358), np.eye(358), network='inception')
+    np.savez(tmp_path / 'edm.npz', mu=np.zeros(358), sigma=np.eye(358))  # EDM's files: Inception statistics
+    scoring.save_reference(tmp_path / 'old.npz', np.zeros(358), np.eye(358), network='random', random_seed=1)
+    for name, message in (('inception', 'holds inception features but the samples get random'),
+                          ('edm', 'holds inception features but the samples get random'),
+                          ('old', 'another random network')):
+        config.eval.ref = str(tmp_path / f'{name}.npz')
+        with pytest.raises(ValueError, match=rf'eval\.ref=.*{name}\.npz.*{message}'):
+            scoring.evaluate_samples(config, no_sampling, step=0)
+    # And a random-feature file with Inception features (the same default name is not shared).
+    scoring.save_reference(tmp_path / 'random.npz', np.zeros(16), np.eye(16), network='random', random_seed=2020)
+    config = faces_config(ref=str(tmp_path / 'random.npz'))
+    with pytest.raises(ValueError, match=r'holds random features but the samples get inception'):
+        scoring.evaluate_samples(config, no_sampling, step=0)
+
+
+def test_tfds_data_still_need_an_explicit_reference(tmp_path):
+    config = photos_config()
+    config.data.name = 'cifar10'  # not embedded: no reference on the spot, whatever the network
+    with pytest.raises(ValueError, match=r'eval\.ref is not set: FD needs.*--mode=ref.*ref_cifar10_random\.npz'):
+        scoring.evaluate_samples(config, no_sampling, step=0, workdir=tmp_path)
+
+
+def test_reference_mode_writes_the_random_feature_file(tmp_path):
+    import launch
+    config = photos_config(ref_num_features=100)
+    info = launch.reference_mode(config, tmp_path)
+    ref = scoring.load_reference(tmp_path / 'ref_photos_random.npz')
+    features = scoring.random_features_fn(data.load_embedded('photos', 32)[0])[0]
+    mu, sigma = metrics.feature_statistics(features)
+    np.testing.assert_allclose(ref.mu, mu, atol=1e-9)
+    np.testing.assert_allclose(ref.sigma, sigma, atol=1e-9)
+    assert info['network'] == 'random' and ref.features.shape == (100, 358) and ref.meta['quantized']
 
 
 # ---------------------------------------------------------------------------------------------
