@@ -70,10 +70,11 @@ def digits_cond(c):
 
 def photos128(c):
     """The DDPM tutorial's own setting (GPU): its ConvNeXt U-Net at the tutorial's default size
-    (C 64, mults 1-2-4-8, 63M parameters) on 128x128 patches of the embedded photos (256 fixed
-    patches, `data.py`), linear betas with T = 1000, batch 16, EMA, 100 ancestral steps. The
+    (C 64, mults 1-2-4-8, 63M parameters) on 128x128 crops of the embedded photos (a fresh crop at
+    every stream position, `data.random_crop`; the 256 fixed patches are the scoring reference), linear betas with T = 1000, batch 16, EMA, 100 ancestral steps. The
     tutorial's Adam lr and run length are taken as 2e-4 and 100k steps (not verified)."""
     c.data.name, c.data.resolution, c.data.channels, c.data.xflip = 'photos', 128, 3, True
+    c.data.random_crop = True
     c.process = _discrete()
     default.digits_network(c, 'convnext_unet')
     c.model.kwargs = ml_collections.ConfigDict(dict(model_channels=64, channel_mult=(1, 2, 4, 8)))
