@@ -44,8 +44,8 @@ def digits_convnext(c):
     """The ConvNeXt U-Net of the DDPM tutorials on the digits (0.83M; `default.digits_network`)."""
     digits(c)
     default.digits_network(c, 'convnext_unet')
-    # 80k images, not 200k: XLA:CPU runs its depthwise 7x7 convolutions (and their gradients) slowly,
-    # about 100 img/s on 2 cores against SongUNet's ~500 at fewer FLOPs (benchmarks/RESULTS.md §11).
+    # 80k images, not 200k: about 310-360 img/s on 2 cores with the depthwise convs as shifted slices
+    # (XLA:CPU's grouped convolution gave 136), against SongUNet's ~630 (benchmarks/RESULTS.md §11-12).
     c.train.total_images = 80_000
 
 

@@ -17,12 +17,13 @@ Presets:
              and scikit-image (`data.random_crop`; the fixed 1,024 patches are the reference set for
              scoring). Photos rather than the faces: RGB, natural-image statistics at every scale
              (which is what the schedule shift and the multiscale loss are about), and crops at
-             32..256 px, where the 25x25 faces would have to be upsampled. A 1.1M U-ViT (patch 2,
-             one conv level at 16x16, 4 transformer blocks of width 128 on the 8x8 tokens), the
-             shifted cosine with noise_d 32 (no shift at 32 px: the base resolution), the multiscale
-             loss over 8, 16, 32, and 50 DDIM steps. Trains, samples and scores in under 10 minutes
-             on 2 CPU cores; scored with the 'auto' features (Inception with the user's weights,
-             else the random-feature network; `jaxdiff/scoring.py`).
+             32..256 px, where the 25x25 faces would have to be upsampled. A 1.25M U-ViT (patch 2,
+             one conv level of 32 channels at 16x16, 4 transformer blocks of width 128 on the 8x8
+             tokens), the shifted cosine with noise_d 32 (no shift at 32 px: the base resolution),
+             the multiscale loss over 8, 16, 32, 30k training images and 50 DDIM steps. Trains,
+             samples and scores in under 10 minutes on 2 CPU cores; scored with the 'auto'
+             features (Inception with the user's weights, else the random-feature network,
+             `eval.features='random'`; `jaxdiff/scoring.py`).
   photos64   64x64 crops, noise_d 32 (shift 2 log(32/64)), U-ViT with conv levels at 64 and 32 px and
              8 transformer blocks of width 512 at 16x16, multiscale from 16; sized for a GPU.
   photos128  128x128 crops, the same at one more conv level (noise_d 32, multiscale from 16); GPU.
@@ -67,10 +68,10 @@ def photos32(c):
     _photos(c, 32)
     _simple(c, noise_d=32, multiscale_lowest=8)
     c.model.kwargs = ml_collections.ConfigDict(dict(
-        model_channels=64, channel_mult=(1,), num_blocks=1, patch_size=2, transformer_channels=128,
+        model_channels=32, channel_mult=(1,), num_blocks=1, patch_size=2, transformer_channels=128,
         num_transformer_blocks=4, num_heads=4, pos_embedding='learned', dropout=0.0))
     c.train.batch_size = 64
-    c.train.total_images = 40_000
+    c.train.total_images = 30_000
     c.train.log_every_steps, c.train.checkpoint_every_steps = 50, 250
     c.optim.lr, c.optim.warmup_images = 1e-3, 5_000
     c.ema.halflife_images, c.ema.rampup_ratio = 500_000, 0.2
