@@ -112,7 +112,7 @@ def test_ihdm_sampler_starts_from_the_prior_of_blurred_training_images():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('method', 'ddim', r"method must be one of \('edm', 'ddpm', 'score_sde', 'blurring', 'ihdm'\)"),
+    ('method', 'ddim', r"method must be one of \('edm', 'ddpm', 'score_sde', 'blurring', 'ihdm', 'simple_diffusion'\)"),
     ('loss.type', 'edm', r"loss\.type must be one of \('eps', 'x0', 'v'\)"),
     ('sample.solver', 'rk4', r'sample\.solver must be one of'),
     ('sample.spacing', 'log', r'sample\.spacing must be one of'),
