@@ -161,13 +161,17 @@ def _json_crc(value) -> int:
     return zlib.crc32(json.dumps(value, sort_keys=True).encode())
 
 
-def _short(error: BaseException, limit: int = 300) -> str:
+def _short(error: BaseException, limit: int = 300, root=None) -> str:
     """First line of an error, capped; for orbax's read errors, which carry TensorStore's
-    page-long spec, the tensorstore error beneath (e.g. 'OUT_OF_RANGE: Error reading ...')."""
+    page-long spec, the tensorstore error beneath (e.g. 'OUT_OF_RANGE: Error reading ...').
+    Paths under `root` are written relative to it ('./2/state/'), so a long directory name does
+    not push the cause itself past the cap."""
     inner = error.__cause__ or error.__context__
     if inner is not None and 'See full TensorStore details' in str(error):
         error = inner
     text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    if root is not None:
+        text = text.replace(str(root).rstrip('/'), '.')
     return f'{type(error).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
 
 
@@ -291,7 +295,7 @@ class Checkpointer:
         if failures:
             by_error = {}  # one mention of each distinct error, with the steps that gave it
             for s, e in failures:
-                by_error.setdefault(_short(e, 150), []).append(str(s))
+                by_error.setdefault(_short(e, 240, root=self.directory), []).append(str(s))
             tried = '; '.join(f'step{"s" if len(steps) > 1 else ""} {", ".join(steps)}: {error}'
                               for error, steps in by_error.items())
             raise CheckpointError(
