@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     # guidance_interval = (lo, hi) (Kynkaenniemi et al. 2024); sample with seed k gets class
     # labels[k % len(labels)] (empty: every class in turn).
     c.sample.guidance = 1.0
+    # clip_denoised: every step's x0_hat clipped to the data range [-1, 1], eps_hat recomputed from it
+    # (DDPM's and iDDPM's clip_denoised; parameterize.ClipDenoised).
+    c.sample.clip_denoised = False
     c.sample.guidance_interval = ml_collections.config_dict.placeholder(tuple)
     c.sample.labels = ()
     # Evaluation (jaxdiff/scoring.py): --mode=eval, after training (after_training), --mode=ref.

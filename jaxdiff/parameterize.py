@@ -242,6 +242,22 @@ class Guided(_Wrapper, flax.struct.PyTreeNode):
         return Prediction(guide(cond.x0, uncond.x0), guide(cond.eps, uncond.eps), cond.variance_fraction)
 
 
+class ClipDenoised(_Wrapper, flax.struct.PyTreeNode):
+    """x0_hat clipped to the data range [lo, hi] and eps_hat made consistent with it:
+    x0~ = clip(x0_hat, lo, hi), eps~ = V (u - alpha V^T x0~) / sigma (DDPM's and iDDPM's
+    `clip_denoised`, Ho et al. 2020 sec. 3.3's data range). Any process, any sampler."""
+    model: Any
+    lo: float = flax.struct.field(pytree_node=False, default=-1.0)
+    hi: float = flax.struct.field(pytree_node=False, default=1.0)
+
+    def predict(self, z, t, alpha, sigma, labels=None, augment_labels=None) -> Prediction:
+        p = self.process
+        prediction = self.model.predict(z, t, alpha, sigma, labels, augment_labels)
+        x0 = jnp.clip(prediction.x0, self.lo, self.hi)
+        eps = p.from_basis((p.to_basis(z) - alpha * p.to_basis(x0)) / sigma)
+        return Prediction(x0, eps, prediction.variance_fraction)
+
+
 class LowSNRCutoff(_Wrapper, flax.struct.PyTreeNode):
     """A model whose prediction is the no-signal limit (x0_hat = 0, eps_hat = u / sigma) on every basis
     coefficient whose logSNR lambda = 2 log(alpha / sigma) is below `logsnr_cutoff`.

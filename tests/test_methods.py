@@ -252,3 +252,28 @@ def test_simple_diffusion_default_trains_samples_and_scores_on_photo_crops(tmp_p
     runner.train_and_evaluate(config, tmp_path)
     report = json.loads((tmp_path / 'eval_00000002.json').read_text())
     assert report['num_samples'] == 64 and np.isfinite(report['fd']) and report['fd'] > 0
+
+
+@pytest.mark.parametrize('solver', ['ddim', 'ancestral'])
+def test_clip_denoised_keeps_samples_of_a_wild_network_in_the_data_range(solver):
+    """sample.clip_denoised wraps the sampled model in parameterize.ClipDenoised: a network whose eps
+    output is -10 z (x0_hat far outside [-1, 1] at every step) gives samples in [-1, 1] up to the
+    last step's noise (sigma of the schedule's first step, < 0.01), and far outside without it."""
+    config = tiny(ddpm.get_config())
+    config.sample.solver, config.sample.num_steps = solver, 10
+
+    class Wild:
+        label_dim = 0
+
+        def apply(self, variables, x, noise_labels, class_labels=None, augment_labels=None, train=False, rngs=None):
+            return -10 * x
+
+    keys = jax.vmap(jax.random.key)(jnp.arange(16))
+    shape = (config.data.resolution,) * 2 + (config.data.channels,)
+    plain = np.asarray(builders.build_sampling(config).draw(Wild(), None, keys, None, shape))
+    config.sample.clip_denoised = True
+    sampling = builders.build_sampling(config)
+    clipped = np.asarray(sampling.draw(Wild(), None, keys, None, shape))
+    assert 'x0 clipped' in sampling.description
+    assert np.abs(plain).max() > 2
+    assert np.abs(clipped).max() <= 1.01

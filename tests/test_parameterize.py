@@ -204,3 +204,26 @@ def test_make_model_wraps_a_flax_module_and_needs_a_dropout_key_to_train():
                                rtol=1e-6)
     with pytest.raises(ValueError, match='dropout_key'):
         parameterize.make_model(module, params, process, train=True)
+
+
+@pytest.mark.parametrize('name', list(PROCESSES))
+def test_clip_denoised_clips_x0_and_keeps_z_equal_alpha_x0_plus_sigma_eps(name):
+    """ClipDenoised: x0~ = clip(x0_hat) and u = alpha V^T x0~ + sigma V^T eps~ on every process (float64,
+    where both sides are a few products of O(1) numbers: 1e-9 leaves ample room); a range the
+    prediction never leaves changes nothing."""
+    process = PROCESSES[name]
+    m, v = moments(SHAPE[1:])
+    with jax.enable_x64(True):
+        t = jnp.asarray(TIMES.get(name, np.array([0.05, 0.5, 0.95])))
+        z = 3 * jax.random.normal(jax.random.key(1), SHAPE, jnp.float64)
+        inner = ideal_model(process, 'x0', m, v)
+        plain = inner(z, t)
+        clipped = parameterize.ClipDenoised(inner, -0.2, 0.2)(z, t)
+        wide = parameterize.ClipDenoised(inner, -1e6, 1e6)(z, t)
+        alpha, sigma = process.scale_sigma(t, SHAPE, jnp.float64)
+        rebuilt = alpha * process.to_basis(clipped.x0) + sigma * process.to_basis(clipped.eps)
+        u = process.to_basis(z)
+    assert np.abs(np.asarray(plain.x0)).max() > 0.2  # the clip binds somewhere
+    np.testing.assert_allclose(np.asarray(clipped.x0), np.clip(np.asarray(plain.x0), -0.2, 0.2), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(rebuilt), np.asarray(u), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(wide.eps), np.asarray(plain.eps), rtol=1e-9, atol=1e-9)

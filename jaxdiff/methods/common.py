@@ -114,9 +114,14 @@ def sampling(config, make: Callable, *, wrap=lambda model: model) -> Sampling:
     sampler = build_sampler(config)
     s, _ = guidance(config)
 
+    clip = config.sample.get('clip_denoised', False)
+
     def draw(module, params, keys, labels, image_shape):
         latents = samplers.latents_from_keys(keys, tuple(image_shape))
-        return samplers.sample(sampler, guided(config, wrap(make(module, params))), latents, keys, labels)
+        model = guided(config, wrap(make(module, params)))
+        if clip:
+            model = parameterize.ClipDenoised(samplers.bind(model)[0])
+        return samplers.sample(sampler, model, latents, keys, labels)
     description = f'{sampler.solver} {sampler.num_steps} steps ({sampler.discretization} grid)'
     return Sampling(draw, sampler.num_steps, sampler.num_evals * (2 if s != 1.0 else 1),
-                    description + (f', guidance {s:g}' if s != 1.0 else ''))
+                    description + (f', guidance {s:g}' if s != 1.0 else '') + (', x0 clipped' if clip else ''))
