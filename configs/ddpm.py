@@ -153,4 +153,6 @@ def _ddpm_fields(c):
     c.loss.vlb_weight = 0.0  # iDDPM's hybrid loss: + vlb_weight * L_vlb (0.001); needs model.learned_variance
     c.loss.multiscale_lowest = 0  # simple diffusion's multiscale loss from this size up (e.g. 32); 0 = off
     c.loss.min_snr_gamma = 0.0  # Min-SNR-gamma loss weighting (e.g. 5); 0 = off
+    # VDM++/SiD2 sigmoid weighting sigmoid(b - logSNR) (-dlogSNR/dt) of the eps loss; None = off
+    c.loss.sigmoid_bias = ml_collections.config_dict.placeholder(float)
     default.gaussian_model(c, 'eps')

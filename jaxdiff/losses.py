@@ -119,8 +119,23 @@ def min_snr_weight(logsnr, target: str, gamma: float):
     return {'eps': clipped / snr, 'v': clipped / (snr + 1), 'x0': clipped}[target]
 
 
+def sigmoid_weight(logsnr, dlogsnr_dt, bias: float):
+    """The sigmoid weighting of Kingma & Gao 2023 (VDM++, their sec. 5 and Fig. 3) that SiD2
+    (Hoogeboom et al. 2024) trains with, as a factor on the eps loss at t ~ U(0, 1):
+
+        w(t) = sigmoid(b - lambda_t) * (-d lambda / dt),
+
+    i.e. the weighted loss (1/2) E_t[w(lambda) (-d lambda/dt) ||eps_hat - eps||^2] of VDM++'s eq. 8
+    without the 1/2. The -d lambda/dt factor turns the uniform t into a uniform lambda (the
+    loss is an integral over logSNR, independent of the schedule); sigmoid(b - lambda) ~ 1 at low
+    SNR and ~ e^(b - lambda) at high SNR (there it is the x0 loss), the bias b setting where it
+    turns. Where the schedule clips lambda (d lambda/dt = 0) the weight is 0."""
+    return jax.nn.sigmoid(bias - logsnr) * -dlogsnr_dt
+
+
 def diffusion_loss(model, images, key=None, labels=None, *, process, target: str = 'eps', vlb_weight: float = 0.0,
-                   multiscale_lowest: int = 0, min_snr_gamma: float = 0.0, t=None, noise=None):
+                   multiscale_lowest: int = 0, min_snr_gamma: float = 0.0, sigmoid_bias: float | None = None,
+                   t=None, noise=None):
     """The denoising loss of a model on any process, per element (DDPM's L_simple for 'eps'):
 
         t ~ `draw_times`,  z_t = process.diffuse(x, t, eps),  (x0_hat, eps_hat) = model(z_t, t),
@@ -132,7 +147,8 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
     lambda(t) = sigma_t^2 (score = -eps / sigma), and Ho et al.'s L_simple. `multiscale_lowest` > 0
     squares the error at every scale from that size up to the image's (`multiscale_square_error`,
     simple diffusion's multiscale loss; the error is taken in pixel space). `min_snr_gamma` > 0 weights
-    by Min-SNR-gamma (Hang et al. 2023; `min_snr_weight`). `vlb_weight` > 0 adds
+    by Min-SNR-gamma (Hang et al. 2023; `min_snr_weight`); `sigmoid_bias` b (not None) by
+    VDM++/SiD2's sigmoid(b - lambda) (-d lambda / dt) (`sigmoid_weight`, eps target). `vlb_weight` > 0 adds
     iDDPM's hybrid term (`vlb_term`, learned variance on a Discrete schedule):
     loss + vlb_weight * T * L_t / ln 2, which is iDDPM's L_simple + 0.001 L_vlb for 0.001.
     `t` ([N]) and `noise` (unit normal, images' shape) may be passed instead of drawn.
@@ -157,6 +173,9 @@ def diffusion_loss(model, images, key=None, labels=None, *, process, target: str
     loss = multiscale_square_error(error, multiscale_lowest) if multiscale_lowest else jnp.square(error)
     if min_snr_gamma:
         loss = loss * min_snr_weight(process.logsnr(t, images.shape, images.dtype), target, min_snr_gamma)
+    if sigmoid_bias is not None:
+        logsnr, dlogsnr_dt = jax.jvp(lambda t: process.logsnr(t, images.shape, images.dtype), (t,), (jnp.ones_like(t),))
+        loss = loss * sigmoid_weight(logsnr, dlogsnr_dt, sigmoid_bias)
     if vlb_weight:
         T = check_vlb(process, prediction.variance_fraction is not None)
         loss = loss + (vlb_weight * T / math.log(2)) * vlb_term(process.schedule, prediction, images, z, t)

@@ -42,7 +42,8 @@ TRAJECTORY_FREE = ('preset', 'sample', 'eval', 'mesh', 'data.data_dir', 'train.t
 # Fields added to the configs after runs were made with them absent, and the value that behaves as
 # their absence did: an older workdir resumes unless the field was set to something else.
 ADDED_FIELDS = {'model.label_dropout': 0.0, 'loss.vlb_weight': 0.0, 'loss.multiscale_lowest': 0,
-                'loss.min_snr_gamma': 0.0, 'data.random_crop': False}
+                'loss.min_snr_gamma': 0.0, 'data.random_crop': False,
+                'loss.sigmoid_bias': None}
 MAX_CHANGES_SHOWN = 8
 
 

@@ -341,3 +341,42 @@ def test_simple_diffusion_loss_matches_denoising_diffusion_pytorch(name, target)
     # float64 sums and sqrt(sigmoid) on both sides: 1e-12 relative.
     np.testing.assert_allclose(loss * unclipped, ref[f'{name}/p_losses/{target}/minsnroff/losses'], rtol=1e-12)
     np.testing.assert_allclose(loss_min_snr, ref[f'{name}/p_losses/{target}/minsnr5/losses'], rtol=1e-12)
+
+
+def test_sigmoid_weighting_is_sigmoid_of_bias_minus_logsnr_times_the_cosine_closed_form_derivative():
+    """VDM++/SiD2: on the truncated cosine lambda = -2 log tan(u), u = t0 + t (t1 - t0),
+    -d lambda/dt = 4 (t1 - t0) / sin(2 u) (closed form, float64; pi / sin(pi t) untruncated); the loss
+    is the plain eps loss times sigmoid(b - lambda) (-d lambda/dt); on the shifted cosine the
+    derivative is the same (the shift is constant)."""
+    t = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
+    with jax.enable_x64(True):
+        for schedule in (processes.Cosine(), processes.ShiftedCosine(64, 32)):
+            process = processes.GaussianProcess(schedule)
+            x = jax.random.normal(jax.random.key(0), (5, 4, 4, 1), jnp.float64)
+            noise = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
+            model = parameterize.model_from_fn(lambda p, z, c, *a: 0.5 * z, process, 'eps')
+            run = lambda bias: np.asarray(losses.diffusion_loss(model, x, process=process, t=jnp.asarray(t),
+                                                                noise=noise, sigmoid_bias=bias))
+            plain, weighted = run(None), run(-1.0)
+            lam = np.asarray(schedule.logsnr(jnp.asarray(t)))
+            from jaxdiff import schedules
+            t0, t1 = schedules._logsnr_cosine_limits(schedule.logsnr_min, schedule.logsnr_max)
+            expected = 1 / (1 + np.exp(lam + 1.0)) * 4 * (t1 - t0) / np.sin(2 * (t0 + t * (t1 - t0)))
+            np.testing.assert_allclose(weighted, plain * expected.reshape(-1, 1, 1, 1), rtol=1e-12)
+
+
+def test_sigmoid_weighting_config_errors_name_the_field(tmp_path):
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs import ddpm, simple_diffusion
+    from jaxdiff import builders
+    config = simple_diffusion.get_config()
+    config.loss.sigmoid_bias = 0.0
+    builders.build_loss(config)  # eps loss on the shifted cosine: accepted
+    config.loss.type = 'v'
+    with pytest.raises(ValueError, match=r"loss\.sigmoid_bias weights the eps loss"):
+        builders.build_loss(config)
+    config = ddpm.get_config()
+    config.loss.sigmoid_bias = 0.0
+    with pytest.raises(ValueError, match=r"loss\.sigmoid_bias .*Discrete"):
+        builders.build_loss(config)

@@ -1,7 +1,7 @@
 """The Gaussian-process methods' shared shape (ddpm, score_sde, blurring): a process of
 `config.process`, a `parameterize` model of `config.model` (output eps | x0 | v, learned variance),
 the denoising loss on it (`config.loss.type`: the target eps | x0 | v; `loss.vlb_weight`: iDDPM's
-hybrid L_vlb term; `loss.multiscale_lowest`: simple diffusion's multiscale loss; `loss.min_snr_gamma`: Min-SNR-gamma
+hybrid L_vlb term; `loss.multiscale_lowest`: simple diffusion's multiscale loss; `loss.sigmoid_bias`: VDM++/SiD2's sigmoid weighting; `loss.min_snr_gamma`: Min-SNR-gamma
 weighting) and any sampler of the core."""
 from __future__ import annotations
 
@@ -51,8 +51,17 @@ def loss(config):
         if not isinstance(process, processes.GaussianProcess):
             raise ValueError('loss.min_snr_gamma weights by the scalar SNR of a GaussianProcess; '
                              f'process is a {type(process).__name__}')
+    bias = config.loss.get('sigmoid_bias', None)
+    if bias is not None:
+        train.check_number(config, 'loss.sigmoid_bias')
+        if config.loss.type != 'eps' or not isinstance(process, processes.GaussianProcess) \
+                or isinstance(process.schedule, processes.Discrete):
+            raise ValueError("loss.sigmoid_bias weights the eps loss (loss.type='eps') of a continuous-time "
+                             f"GaussianProcess; got loss.type={config.loss.type!r} on {type(process).__name__}"
+                             f"({type(process.schedule).__name__})")
+        bias = float(bias)
     return functools.partial(losses.diffusion_loss, process=process, target=config.loss.type, vlb_weight=vlb_weight,
-                             multiscale_lowest=lowest, min_snr_gamma=gamma)
+                             multiscale_lowest=lowest, min_snr_gamma=gamma, sigmoid_bias=bias)
 
 
 def sampling(config, prior_images=None) -> common.Sampling:
