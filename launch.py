@@ -19,6 +19,10 @@ One process at a time uses a work directory (a lock on <workdir>/.lock). Multi-h
 same command on every host; `jax.distributed.initialize()` finds the others (TPU pods, SLURM, or
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set by hand).
 
+Compiled programs (the train step, the sampler) are kept in XLA's persistent compilation cache,
+~/.cache/jaxdiff/xla unless config.train.compilation_cache names another directory or 'none' (or
+JAX_COMPILATION_CACHE_DIR is set): a resume or a second run loads them instead of compiling.
+
 Exit status: 0 done; 2 a one-line `error:` on stderr (a bad flag or config field, a missing or
 unusable work directory, data set or checkpoint, a work directory in use, a config that differs
 from the checkpoints', a failed checkpoint save, out of memory, non-finite samples); 75
@@ -120,6 +124,7 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or f'runs/{config.method}-{config.get("preset", "default")}'
     parallel.initialize_distributed()
+    runner.enable_compilation_cache(config.train.get('compilation_cache', ''))
     try:
         result = MODES[FLAGS.mode](config, workdir)
     except USER_ERRORS as e:

@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     # field that changes the trajectory (method, model, data, batch, seed, optim, ema, loss, ...);
     # off: such a run stops with an error naming the fields (jaxdiff/runner.py, TRAJECTORY_FREE).
     c.train.allow_config_change = False
+    # XLA's persistent compilation cache (runner.enable_compilation_cache, turned on by launch.py):
+    # '' = $XDG_CACHE_HOME/jaxdiff/xla (~/.cache/jaxdiff/xla), one per user and machine, so a
+    # resume or another run of the same programs loads them instead of compiling; a directory;
+    # 'none' = off. JAX_COMPILATION_CACHE_DIR in the environment wins over this field.
+    c.train.compilation_cache = ''
 
     # Sampling (jaxdiff/samplers: every field of samplers.Sampler, the same names for every method).
     c.sample = ml_collections.ConfigDict()

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import pathlib
 import time
 
@@ -35,10 +36,11 @@ from jaxdiff.monitor import log
 
 # Config fields that may differ from the checkpoint's: they do not change the training trajectory
 # (evaluation, sampling, logging and checkpoint cadence, the run's length, the device mesh, where
-# TFDS keeps its files, the preset's name). Every other field is compared (`config_changes`).
+# TFDS keeps its files and XLA its compiled programs, the preset's name). Every other field is
+# compared (`config_changes`).
 TRAJECTORY_FREE = ('preset', 'sample', 'eval', 'mesh', 'data.data_dir', 'train.total_images',
                    'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
-                   'train.sample_every_steps', 'train.allow_config_change')
+                   'train.sample_every_steps', 'train.allow_config_change', 'train.compilation_cache')
 # Fields added to the configs after runs were made with them absent, and the value that behaves as
 # their absence did: an older workdir resumes unless the field was set to something else.
 ADDED_FIELDS = {'model.label_dropout': 0.0, 'loss.vlb_weight': 0.0, 'loss.multiscale_lowest': 0,
@@ -222,6 +224,8 @@ def _open_workdir(run: Run, *, create: bool):
     with wd.lock(run.workdir) if run.is_main else contextlib.nullcontext():
         changes = config_changes(run)
         monitor.setup_logging(run.workdir, run.is_main)
+        cache = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+        log.info('Compilation cache: %s', cache or 'off')
         if changes:
             log.warning('Config differs from the checkpoints\' (train.allow_config_change=True): %s',
                         ', '.join(changes))
@@ -250,6 +254,83 @@ def _training_oom(run: Run, error: BaseException) -> OutOfMemory:
     return OutOfMemory(f'out of device memory training with train.batch_size={batch} ({batch // devices} '
                        f'images per device on {devices} device{"s" if devices > 1 else ""}): pass a smaller '
                        f'--config.train.batch_size or run on more devices ({_xla_summary(error)})')
+
+
+# ------------------------------------------------------------------------------------------------
+# The persistent compilation cache: launch.py turns it on before anything compiles.
+
+CACHE_MIN_COMPILE_SECONDS = 0.1  # JAX's default, 1 s, would leave sub-second CPU compiles out
+CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'     # jax.monitoring: an executable loaded
+CACHE_WRITE_EVENT = '/jax/compilation_cache/cache_misses'  # ... and one compiled and written
+
+
+def compilation_cache_dir(setting: str, environ) -> pathlib.Path | None:
+    """The directory that `train.compilation_cache` = `setting` names: '' the user's cache,
+    $XDG_CACHE_HOME/jaxdiff/xla (~/.cache/jaxdiff/xla without XDG_CACHE_HOME); 'none' (any case)
+    no cache; anything else that path (~ expanded).
+
+    The default is per user and machine, not per work directory: a fresh workdir (another seed,
+    a sweep, the same command twice) compiles the programs the last run compiled, and only a
+    resume would find them in a workdir's cache; a per-user directory is also what JAX asks of a
+    cache it loads executables from (it trusts them), and on a multi-host job each host has its
+    own on local disk. Nothing prunes it: a few MB per config on the digits; delete it any time.
+    """
+    setting = (setting or '').strip()
+    if setting.lower() == 'none':
+        return None
+    if setting:
+        return pathlib.Path(setting).expanduser().absolute()
+    base = environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
+    return pathlib.Path(base).absolute() / 'jaxdiff' / 'xla'
+
+
+def enable_compilation_cache(setting: str, environ=None) -> str | None:
+    """Turn on JAX's persistent compilation cache in `compilation_cache_dir(setting)`, so a
+    second run or a resume loads the train step, the state's initialisation and the sampler
+    instead of compiling them (each 5-20 s on a CPU). Returns the directory, or None when off.
+
+    The environment wins: JAX_COMPILATION_CACHE_DIR keeps its directory (whatever `setting`
+    says), JAX_ENABLE_COMPILATION_CACHE=false keeps it off, and
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS its threshold; otherwise programs that took
+    CACHE_MIN_COMPILE_SECONDS or more to compile are written (the ~10 ms compiles of eager ops
+    are not: reading one back would save nothing). JAX's size threshold stays at its default, 0
+    on a local disk. In a multi-process run JAX writes entries from process 0 only; every
+    process reads its own directory, so the other hosts gain only from a shared path. A
+    directory JAX cannot create or read costs a warning and the compilation, never the run.
+    """
+    environ = os.environ if environ is None else environ
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    if environ.get('JAX_COMPILATION_CACHE_DIR'):
+        path = jax.config.jax_compilation_cache_dir
+    else:
+        path = compilation_cache_dir(setting, environ)
+        if path is None:
+            return None
+        path = str(path)  # JAX creates it at the first compile (a run that fails before leaves no trace)
+        jax.config.update('jax_compilation_cache_dir', path)
+    if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in environ:
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_SECONDS)
+    return path
+
+
+class CacheEvents:
+    """Counts, until `close`, the executables JAX loads from its persistent compilation cache
+    (`hits`) and those it compiles and writes there (`writes`), from its monitoring events."""
+
+    def __init__(self):
+        self.hits = self.writes = 0
+        jax.monitoring.register_event_listener(self._on_event)
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        del kwargs
+        if event == CACHE_HIT_EVENT:
+            self.hits += 1
+        elif event == CACHE_WRITE_EVENT:
+            self.writes += 1
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_listener(self._on_event)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,6 +409,7 @@ def _train_loop(run: Run, setup, shardings, ckpt, iterator, state):
     progress = monitor.Progress(total_steps, step, config.train.batch_size, enabled=run.is_main)
     start_time = time.perf_counter()
     compiled = False
+    cache_events = CacheEvents()
     try:
         while step < total_steps:
             batch = parallel.global_batch(run.mesh, next(iterator))
@@ -336,7 +418,9 @@ def _train_loop(run: Run, setup, shardings, ckpt, iterator, state):
             progress.advance(step)
             if not compiled:  # The first step compiles: keep it out of images/s.
                 jax.block_until_ready(metrics)
-                log.info('Compiled the training step in %.1f s', time.perf_counter() - start_time)
+                loaded = cache_events.hits and not cache_events.writes
+                log.info('Compiled the training step in %.1f s%s', time.perf_counter() - start_time,
+                         ' (loaded from the compilation cache)' if loaded else '')
                 progress.reset_clock()
                 compiled = True
             if step % config.train.log_every_steps == 0 or step == total_steps:
@@ -355,6 +439,7 @@ def _train_loop(run: Run, setup, shardings, ckpt, iterator, state):
                 _sample_grid(run, state.ema_params, step, writer)
                 progress.reset_clock()
     finally:
+        cache_events.close()
         progress.close()
         writer.close()
     log.info('Trained to step %d in %.1f s', step, time.perf_counter() - start_time)

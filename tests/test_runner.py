@@ -1,5 +1,6 @@
 """Tests of jaxdiff.runner and launch.py: resuming, start-up config errors, sample and eval modes,
-a run killed mid-training, and (slow) a two-process run over gloo collectives.
+a run killed mid-training, the persistent compilation cache a second launch loads the train step
+from, and (slow) a two-process run over gloo collectives.
 
 Every run trains a tiny SongUNet (8 channels, one resolution, one block) on the digits. XLA:CPU
 takes 10-50 s to compile even that, and each `run_training` jits afresh, so this module turns on
@@ -350,6 +351,7 @@ def test_config_differences_name_the_trajectory_fields_only():
     same_trajectory.sample.num_steps, same_trajectory.eval.num_samples = 18, 64
     same_trajectory.train.log_every_steps, same_trajectory.train.keep_checkpoints = 7, 9
     same_trajectory.mesh.fsdp, same_trajectory.train.allow_config_change = 1, True
+    same_trajectory.train.compilation_cache = 'none'
     assert runner.config_differences(saved, same_trajectory) == []
 
     changed = tiny_config()
@@ -600,6 +602,87 @@ def test_run_training_restores_the_sigterm_handler(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     train_run(tiny_config(4), tmp_path)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------------------------------------
+# The persistent compilation cache (runner.enable_compilation_cache, which launch.py calls).
+
+CACHE_CONFIG = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+                'jax_enable_compilation_cache')
+
+
+@pytest.fixture
+def jax_cache_config():
+    """This module's cache settings (the persistent_compilation_cache fixture's), put back after
+    the test changes them without compiling anything."""
+    saved = {name: getattr(jax.config, name) for name in CACHE_CONFIG}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_compilation_cache_setting_names_a_directory_or_none(tmp_path):
+    assert edm.get_config().train.compilation_cache == ''
+    assert runner.compilation_cache_dir('', {'XDG_CACHE_HOME': str(tmp_path)}) == tmp_path / 'jaxdiff' / 'xla'
+    assert runner.compilation_cache_dir('', {}) == pathlib.Path.home() / '.cache' / 'jaxdiff' / 'xla'
+    assert runner.compilation_cache_dir(str(tmp_path / 'mine'), {}) == tmp_path / 'mine'
+    assert runner.compilation_cache_dir('~/c', {}) == pathlib.Path.home() / 'c'
+    for off in ('none', 'None', ' NONE '):
+        assert runner.compilation_cache_dir(off, {'XDG_CACHE_HOME': str(tmp_path)}) is None
+
+
+def test_enable_compilation_cache_honours_the_config_and_the_environment_wins(tmp_path, jax_cache_config):
+    jax.config.update('jax_compilation_cache_dir', 'before')
+    assert runner.enable_compilation_cache('none', {}) is None
+    assert jax.config.jax_compilation_cache_dir == 'before'
+
+    assert runner.enable_compilation_cache(str(tmp_path / 'cache'), {}) == str(tmp_path / 'cache')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'cache')
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == runner.CACHE_MIN_COMPILE_SECONDS
+
+    # JAX read JAX_COMPILATION_CACHE_DIR into its config when imported: that directory stays,
+    # whatever the config says, and so does a threshold the environment sets.
+    jax.config.update('jax_compilation_cache_dir', 'from-env')
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 5.0)
+    environ = {'JAX_COMPILATION_CACHE_DIR': 'from-env', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '5'}
+    for setting in ('', 'none', str(tmp_path / 'other')):
+        assert runner.enable_compilation_cache(setting, environ) == 'from-env'
+        assert jax.config.jax_compilation_cache_dir == 'from-env'
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 5.0
+    assert not (tmp_path / 'other').exists()
+
+    jax.config.update('jax_enable_compilation_cache', False)  # JAX_ENABLE_COMPILATION_CACHE=false
+    assert runner.enable_compilation_cache(str(tmp_path / 'other'), {}) is None
+    assert jax.config.jax_compilation_cache_dir == 'from-env'
+
+
+def cache_entries(cache: pathlib.Path, program: str) -> dict:
+    """{file name: modification time} of the cache's entries of one jitted function."""
+    return {p.name: p.stat().st_mtime_ns for p in cache.glob(f'jit_{program}-*')}
+
+
+def test_a_second_launch_loads_the_train_step_from_the_compilation_cache(tmp_path):
+    """Two launch.py processes, two fresh workdirs, one train.compilation_cache: the first
+    compiles the train step and writes it there, the second loads it (JAX's cache-hit event,
+    logged with the compile time) and writes no train step of its own."""
+    cache = tmp_path / 'cache'
+    args = TINY_FLAGS + [
+        '--config.model.kwargs.channel_mult=(1,)', '--config.model.kwargs.attn_resolutions=()',
+        f'--config.train.total_images={2 * BATCH}', f'--config.train.compilation_cache={cache}']
+    env = {'JAX_COMPILATION_CACHE_DIR': ''}  # a user's own would win over the config field
+    first = launch(args, tmp_path / 'first', env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f'Compilation cache: {cache}' in first.stderr
+    assert 'Compiled the training step in' in first.stderr, first.stderr[-3000:]
+    assert 'loaded from the compilation cache' not in first.stderr
+    written = cache_entries(cache, 'train_step')
+    assert len(written) == 1, sorted(p.name for p in cache.iterdir())
+
+    second = launch(args, tmp_path / 'second', env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert re.search(r'Compiled the training step in [\d.]+ s \(loaded from the compilation cache\)',
+                     second.stderr), second.stderr[-3000:]
+    assert cache_entries(cache, 'train_step') == written
 
 
 # ------------------------------------------------------------------------------------------------
