@@ -8,7 +8,8 @@ A work directory holds:
   .lock               locked while a mode runs (`jaxdiff.workdir.lock`): one process at a time
   checkpoints/<step>  orbax checkpoints (train state, data-iterator position, config)
   samples/            samples_<step>.npz (uint8 NHWC under `images`, `labels`), grid_<step>.png;
-                      a later write for the same step adds .1, .2, ... (never overwrites)
+                      a later write for the same step adds .1, .2, ... (never overwrites);
+                      batches_<step>_seed<seed>_<hash>/ while --mode=sample draws (`sample_mode`)
   eval_<step>.json    scores of the samples
   tb/                 TensorBoard scalars (loss, learning rate, skipped updates, images/s) and grids
 
@@ -21,15 +22,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from jaxdiff import builders, checkpoint, methods, data, generate, images, monitor, parallel, scoring, train, workdir as wd
 from jaxdiff.monitor import log
@@ -504,42 +508,92 @@ def _labels(run: Run, seed: int, num: int) -> np.ndarray:
     return generate.labels_for_seeds(np.arange(seed, seed + num), run.label_dim, run.config.sample.get('labels'))
 
 
-def _sample(run: Run, params, num: int, seed: int | None = None, timing: dict | None = None, sampling=None):
+class _SampleProgress:
+    """sample_many's progress callback: records (done, seconds) marks for `timing`, and with
+    `enabled` shows a tqdm bar over images (the training bar's style) with images/s since the
+    first drawn batch (so without its compilation)."""
+
+    def __init__(self, enabled: bool, desc: str = 'sample'):
+        self.marks, self.enabled, self.desc, self.bar = [], enabled, desc, None
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        self.marks.append((done, seconds))
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=done, unit='img', desc=self.desc, dynamic_ncols=True,
+                            smoothing=0.05, mininterval=1.0)
+            return
+        self.bar.update(done - self.bar.n)
+        if len(self.marks) > 2:
+            (first, t0), (now, t1) = self.marks[1], self.marks[-1]
+            self.bar.set_postfix(img_s=f'{(now - first) / max(t1 - t0, 1e-9):.0f}')
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def timing(self) -> dict:
+        """{'loaded'} and, when a batch was drawn, the first drawn batch's count and seconds
+        (compilation included) and the rest's (`_log_sampling`)."""
+        if not self.marks:
+            return {}
+        loaded = self.marks[0][0]
+        if len(self.marks) == 1:
+            return {'loaded': loaded}
+        (first, t_first), (done, t_last) = self.marks[1], self.marks[-1]
+        return dict(loaded=loaded, first_batch=first - loaded, first_batch_seconds=t_first,
+                    rest=done - first, rest_seconds=t_last - t_first)
+
+
+def _sample(run: Run, params, num: int, seed: int | None = None, timing: dict | None = None, sampling=None,
+            *, out_dir=None, fingerprint=None, bar: bool = False):
     """`num` samples (sample i from seed `seed + i`) with the run's sampling (or `sampling`).
-    `timing`, if given, receives the seconds of the first batch (compilation included) and of the rest."""
+    `timing`, if given, receives `_SampleProgress.timing()`: the samples loaded from `out_dir`, the
+    seconds of the first drawn batch (compilation included) and of the rest. out_dir, fingerprint:
+    resumable batch files (`generate.sample_many`); bar: a progress bar with images/s."""
     config = run.config
     sampling = run.sampling if sampling is None else sampling
     seed = config.sample.seed if seed is None else seed
     labels = _labels(run, seed, num) if run.label_dim else None
     batch_size = min(config.sample.batch_size, num)
-    marks = []
+    progress = _SampleProgress(bar and run.is_main)
     try:
         samples = generate.sample_many(sampling.draw, run.module, params, num, image_shape=run.image_shape,
-                                       seed=seed, batch_size=batch_size, labels=labels,
-                                       progress=lambda done, total, seconds: marks.append((done, seconds)))
+                                       seed=seed, batch_size=batch_size, labels=labels, progress=progress,
+                                       out_dir=out_dir, fingerprint=fingerprint)
     except jax.errors.JaxRuntimeError as e:
         if _is_oom(e):
             raise OutOfMemory(f'out of device memory sampling batches of {batch_size} images: pass a smaller '
                               f'--config.sample.batch_size (and --config.eval.batch_size) ({_xla_summary(e)})') from None
         raise
+    finally:
+        progress.close()
     bad = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))
     if bad:
         raise NonFiniteSamples(f'{bad} of {num} samples (seeds {seed}-{seed + num - 1}) are not finite (nan or '
                                'inf), so none were written or scored: the model\'s weights are probably not '
                                'finite (look for skipped updates in log.txt)')
-    if timing is not None and marks:
-        timing.update(first_batch=marks[0][0], first_batch_seconds=marks[0][1],
-                      rest=num - marks[0][0], rest_seconds=marks[-1][1] - marks[0][1])
+    if timing is not None:
+        timing.update(progress.timing())
     return samples
 
 
 def _log_sampling(run: Run, num: int, timing: dict) -> None:
+    """One log line: `num` samples, how many were loaded from earlier batches (timing['loaded']),
+    the first drawn batch's seconds (compilation included) and the rest's images/s."""
     s = run.sampling
-    text = (f'Sampled {num} images ({s.description}, {s.num_evals} network evaluations each) in '
+    loaded = timing.get('loaded', 0)
+    if 'first_batch' not in timing:
+        log.info(f'All {num} samples loaded from the batches an earlier run finished ({s.description})')
+        return
+    text = (f'Sampled {num - loaded} images ({s.description}, {s.num_evals} network evaluations each) in '
             f'{timing["first_batch_seconds"] + timing["rest_seconds"]:.1f} s; first batch of {timing["first_batch"]} '
             f'(compilation included) {timing["first_batch_seconds"]:.1f} s')
     if timing['rest']:
         text += f'; then {timing["rest"] / max(timing["rest_seconds"], 1e-9):.1f} images/s'
+    if loaded:
+        text += f'; {loaded} more loaded from the batches an earlier run finished'
     log.info(text)
 
 
@@ -648,21 +702,48 @@ def _restore_ema(run: Run):
     return step, state.ema_params
 
 
+def _batches_dir(run: Run, step: int) -> tuple[pathlib.Path, dict]:
+    """(samples/batches_<step>_seed<seed>_<hash>/, its fingerprint): where --mode=sample keeps its
+    finished batches until the .npz is written. The fingerprint (checkpoint step and every
+    sample.* setting) and the hash of everything in the manifest key the directory, so another
+    setting draws afresh beside it and the same settings resume it."""
+    config = run.config
+    sample = {k: v for k, v in _as_json(config)['sample'].items() if k not in ('num_samples', 'batch_size', 'seed')}
+    fingerprint = {'step': int(step), 'sample': sample}
+    num, seed = config.sample.num_samples, config.sample.seed
+    key = generate.manifest(num, seed, min(config.sample.batch_size, num), run.image_shape,
+                            _labels(run, seed, num) if run.label_dim else None, fingerprint)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return run.workdir / 'samples' / f'batches_{step:08d}_seed{seed}_{digest}', fingerprint
+
+
 def sample_mode(config, workdir) -> dict:
     """config.sample.num_samples samples of the latest checkpoint: samples/samples_<step>.npz and
-    grid_<step>.png, or .1, .2, ... beside what training or an earlier call wrote for that step."""
+    grid_<step>.png, or .1, .2, ... beside what training or an earlier call wrote for that step.
+
+    More than one batch (num_samples > sample.batch_size, e.g. EDM's 50,000) is drawn with a
+    progress bar into `_batches_dir` (one file per finished batch): a killed run, started again
+    with the same settings, loads those and draws only the rest. The directory is removed once the
+    .npz is written. One batch, or a multi-process run (each process would need the same files),
+    samples in memory."""
     run = prepare(config, workdir)
     _require_checkpoints(run)
     with _open_workdir(run, create=False):
         step, ema = _restore_ema(run)
-        timing = {}
-        samples = _sample(run, ema, config.sample.num_samples, timing=timing)
+        timing, out_dir, fingerprint = {}, None, None
+        if config.sample.num_samples > config.sample.batch_size and jax.process_count() == 1:
+            out_dir, fingerprint = _batches_dir(run, step)
+            log.info('Sampling into %s (resumable: a run with the same settings loads its finished batches)', out_dir)
+        samples = _sample(run, ema, config.sample.num_samples, timing=timing, out_dir=out_dir,
+                          fingerprint=fingerprint, bar=True)
         _log_sampling(run, len(samples), timing)
         result = {'step': step, 'num_samples': len(samples)}
         if run.is_main:
             npz_path, grid_path, _ = _write_samples(run, samples, step)
             log.info('Wrote %d samples of step %d to %s and %s', len(samples), step, npz_path, grid_path)
             result['samples_file'] = str(npz_path)
+            if out_dir is not None:
+                shutil.rmtree(out_dir)
         return result
 
 

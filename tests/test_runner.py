@@ -333,6 +333,58 @@ def test_sample_mode_without_checkpoint(tmp_path):
     assert not (tmp_path / 'empty').exists()  # a mistyped workdir is not created
 
 
+def test_killed_sample_mode_resumes_at_its_last_finished_batch(tmp_path, monkeypatch):
+    """--mode=sample over several batches writes each finished one to samples/batches_*/: a run
+    killed while dispatching its fourth batch (two finished), started again, draws only the last two,
+    and writes the samples an
+    uninterrupted run writes; the batch directory goes once the .npz is written."""
+    config = tiny_config(4)
+    config.sample.num_samples, config.sample.batch_size = 56, 16  # batches of 16, 16, 16 and 8
+    runner.train_and_evaluate(config, tmp_path)
+    calls, kill_at = [], [3]
+    build_sampling = builders.build_sampling
+
+    def counting(*args, **kwargs):
+        sampling = build_sampling(*args, **kwargs)
+
+        def draw(*a):
+            if len(calls) == kill_at[0]:
+                raise KeyboardInterrupt('killed')
+            calls.append(1)
+            return sampling.draw(*a)
+        return dataclasses.replace(sampling, draw=draw)
+    monkeypatch.setattr(builders, 'build_sampling', counting)
+
+    with pytest.raises(KeyboardInterrupt):  # batch 3's draw killed: 0 and 1 written, 2 in flight
+        runner.sample_mode(config, tmp_path)
+    batches, = (tmp_path / 'samples').glob('batches_00000004_seed0_*')
+    assert sorted(p.name for p in batches.glob('batch_*.npy')) == ['batch_000000.npy', 'batch_000001.npy']
+    assert not (tmp_path / 'samples' / 'samples_00000004.npz').exists()
+
+    calls.clear()
+    kill_at[0] = None
+    resumed = runner.sample_mode(config, tmp_path)
+    assert len(calls) == 2  # batches 2 and 3 only
+    assert '; 32 more loaded from the batches an earlier run finished' in (tmp_path / 'log.txt').read_text()
+    assert not batches.exists()
+    uninterrupted = runner.sample_mode(config, tmp_path)  # draws all four afresh
+    assert len(calls) == 6
+    with np.load(resumed['samples_file']) as f, np.load(uninterrupted['samples_file']) as g:
+        assert f['images'].shape == (56, 8, 8, 1)
+        np.testing.assert_array_equal(f['images'], g['images'])
+
+    # Another sampler setting is other samples: a fresh directory beside a killed run's, not its batches.
+    kill_at[0] = len(calls) + 3
+    with pytest.raises(KeyboardInterrupt):
+        runner.sample_mode(config, tmp_path)
+    config.sample.num_steps = 3
+    calls.clear()
+    kill_at[0] = None
+    runner.sample_mode(config, tmp_path)
+    assert len(calls) == 4
+    assert len(list((tmp_path / 'samples').glob('batches_*'))) == 1  # the killed 4-step run's
+
+
 # ------------------------------------------------------------------------------------------------
 # The work directory: config against the checkpoints, the lock, failures during a run.
 
