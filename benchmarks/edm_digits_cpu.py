@@ -11,7 +11,7 @@ deterministic Heun sampler (18 steps, 35 network evaluations).
 
 jaxdiff runs in this process, through the launcher's code path (`builders`, `train.make_setup`,
 `train.init_state`, `train.compile_train_step` with the `parallel` mesh and shardings, the
-`data.train_iterator` stream; sampling with `generate.sample_images`). EDM runs in a subprocess of
+`data.train_iterator` stream; sampling with `generate.sample_many` over `builders.build_sampling`). EDM runs in a subprocess of
 the given torch interpreter (this file with --run-edm-worker; it imports EDM's `training.networks`,
 `training.loss` and `generate.edm_sampler` from --edm, and never jaxdiff or jax). Its training
 step is EDM's training loop's: loss.sum() / batch, backward, nan_to_num on the gradients, Adam
@@ -264,8 +264,7 @@ class JaxBench:
         self.config, self.batch, self.image_shape = config, batch, (8, 8, 1)
 
         self.module = builders.build_module(config)
-        self.precond = builders.build_precond(config)
-        self.sampler = builders.build_sampler(config)
+        self.sampling = builders.build_sampling(config)
         self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:mesh_data])
         parallel.check_batch_size(batch, self.mesh)
         self.setup = setup = train.make_setup(config, self.module, builders.model_factory(config), builders.build_loss(config))
@@ -297,11 +296,11 @@ class JaxBench:
         return {'img_s': steps * self.batch / m.seconds, 'other': m.other, 'own': m.own}
 
     def sample(self, batch: int) -> dict:
-        """One call of `generate.sample_images` for `batch` images in one batch (the launcher's path)."""
+        """One call of `generate.sample_many` (the run's sampler) for `batch` images in one batch (the launcher's path)."""
         from jaxdiff import generate
         with Meter() as m:
-            images = generate.sample_images(self.module, self.state.ema_params, self.precond, self.sampler, batch,
-                                            image_shape=self.image_shape, seed=0, batch_size=batch)
+            images = generate.sample_many(self.sampling.draw, self.module, self.state.ema_params, batch,
+                                          image_shape=self.image_shape, seed=0, batch_size=batch)
         assert images.shape == (batch,) + self.image_shape and np.isfinite(images).all()
         return {'img_s': batch / m.seconds, 'seconds': m.seconds, 'other': m.other, 'own': m.own}
 
