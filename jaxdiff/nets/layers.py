@@ -12,6 +12,7 @@ softmax always run in at least float32.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -201,6 +202,32 @@ class Conv2d(nn.Module):
         return x
 
 
+def _standardize(x, axes, eps):
+    """(y, r): y = (x - mean) r, r = 1 / sqrt(var + eps), the moments over `axes` (biased variance)."""
+    mean = x.mean(axis=axes, keepdims=True)
+    r = jax.lax.rsqrt(jnp.square(x - mean).mean(axis=axes, keepdims=True) + eps)
+    return (x - mean) * r, r
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def standardize(x, axes: tuple[int, ...], eps: float):
+    """(x - mean) / sqrt(var + eps) over `axes` (biased variance), with the closed-form derivative
+
+        dy = r (dx - mean(dx) - y mean(y dx)),   r = 1 / sqrt(var + eps), means over `axes`,
+
+    a symmetric linear map, so the gradient is the same formula in g = dL/dy. Autodiff's trace
+    through the two reductions gave XLA:CPU fused backward passes about twice as long; the
+    digits preset's training step ran about 4% faster with this (benchmarks/RESULTS.md §16)."""
+    return _standardize(x, axes, eps)[0]
+
+
+@standardize.defjvp
+def _standardize_jvp(axes, eps, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y, r = _standardize(x, axes, eps)
+    return y, r * (dx - dx.mean(axis=axes, keepdims=True) - y * (y * dx).mean(axis=axes, keepdims=True))
+
+
 class GroupNorm(nn.Module):
     """Group normalisation with min(num_groups, C // min_channels_per_group) groups (EDM's `GroupNorm`).
 
@@ -222,9 +249,7 @@ class GroupNorm(nn.Module):
         stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
         xg = x.astype(stat_dtype).reshape(*x.shape[:-1], groups, c // groups)
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = xg.mean(axis=axes, keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = standardize(xg, axes, self.eps).reshape(x.shape)
         y = y * scale.astype(stat_dtype) + bias.astype(stat_dtype)
         return y.astype(out_dtype)
 
