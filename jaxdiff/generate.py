@@ -64,13 +64,14 @@ def manifest(num: int, seed: int, batch_size: int, image_shape, labels=None, fin
     return json.loads(json.dumps(value))  # tuples as lists: compares equal to what is read back
 
 
-def _check_manifest(out_dir: pathlib.Path, expected: dict) -> None:
+def check_manifest(out_dir: pathlib.Path, expected: dict, files: str = 'batch_*.npy') -> None:
     """Write out_dir/manifest.json, or check the one there against `expected`: a ValueError names
-    the first field that differs."""
+    the first field that differs. `files`: the glob of the data files (`sample_many`'s batches,
+    `scoring`'s blocks), refused when they are there without a manifest."""
     path = out_dir / MANIFEST
     if not path.exists():
-        if any(out_dir.glob('batch_*.npy')):
-            raise ValueError(f'{out_dir} holds batch files but no {MANIFEST}: they cannot be checked '
+        if any(out_dir.glob(files)):
+            raise ValueError(f'{out_dir} holds {files.split("_")[0]} files but no {MANIFEST}: they cannot be checked '
                              'against this call\'s settings; pass another out_dir or delete them')
         wd.write_atomically(path, lambda f: f.write(json.dumps(expected, indent=1).encode()))
         return
@@ -142,7 +143,7 @@ def sample_many(draw, module, params, num: int, *, image_shape, seed: int = 0, b
     if out_dir is not None:
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _check_manifest(out_dir, manifest(num, seed, batch_size, image_shape, labels, fingerprint))
+        check_manifest(out_dir, manifest(num, seed, batch_size, image_shape, labels, fingerprint))
         for stale in out_dir.glob('.batch_*.tmp'):  # left by a run killed while writing
             stale.unlink(missing_ok=True)
         for index in range(num_batches):

@@ -11,6 +11,8 @@ A work directory holds:
                       a later write for the same step adds .1, .2, ... (never overwrites);
                       batches_<step>_seed<seed>_<hash>/ while --mode=sample draws (`sample_mode`)
   eval_<step>.json    scores of the samples
+  eval/               blocks_<step>_seed<seed>_<hash>/ while an evaluation draws a seed set
+                      (`sample_and_score`)
   tb/                 TensorBoard scalars (loss, learning rate, skipped updates, images/s) and grids
 
 Every mode checks, before it writes anything, that the config matches the one the checkpoints
@@ -626,15 +628,20 @@ def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = 
     PNG grid of `config.sample.num_samples` of them (`<prefix>grid_<step>.png`); `prefix` keeps
     --mode=eval from overwriting what --mode=sample wrote. With `strict=False` (after training), an
     evaluation that cannot run (no Inception weights or reference statistics configured) is a
-    warning, and only the samples are written."""
+    warning, and only the samples are written.
+
+    Each seed set is drawn into <workdir>/eval/blocks_<step>_seed<seed>_<hash>/ (one file per
+    finished block, `scoring.evaluate_samples`' blocks_root): a killed evaluation, started again
+    with the same settings, loads those and draws only the rest. The directories are removed once
+    eval_<step>.json is written."""
     config = run.config
-    blocks, seconds = {}, []
+    first_set, seconds = {}, []
 
     def sample_fn(num, seed):
         start = time.perf_counter()
-        blocks[seed] = _sample(run, params, num, seed=seed)
+        samples = _sample(run, params, num, seed=seed)
         seconds.append(time.perf_counter() - start)
-        return blocks[seed]
+        return samples
 
     denoise = methods.get(config).likelihood_model(config, run.make_model, run.module, params)
     paths = _sample_paths(run, step, prefix)
@@ -644,12 +651,16 @@ def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = 
         labels_fn = lambda seeds: generate.labels_for_seeds(seeds, run.label_dim, config.sample.get('labels')).argmax(1)
         if config.eval.get('guidance_sweep'):
             run_info['guidance_sweep'] = _guidance_sweep(run, params, labels_fn)
-    if (set(config.eval.metrics) & set(scoring.SAMPLE_METRICS) and config.eval.seed == config.sample.seed
-            and config.eval.num_samples >= config.sample.num_samples):  # the .npz will hold the scored set
+    keep_first_set = bool(set(config.eval.metrics) & set(scoring.SAMPLE_METRICS) and config.eval.seed == config.sample.seed
+                          and config.eval.num_samples >= config.sample.num_samples)
+    if keep_first_set:  # the .npz will hold the scored set
         run_info['samples_file'] = str(paths[0].relative_to(run.workdir))
+    blocks_root = run.workdir / 'eval'
     try:
         result = scoring.evaluate_samples(config, sample_fn, step=step, workdir=run.workdir if run.is_main else None,
-                                          denoise=denoise, run_info=run_info, labels_fn=labels_fn)
+                                          denoise=denoise, run_info=run_info, labels_fn=labels_fn,
+                                          blocks_root=blocks_root, fingerprint=_sampler_settings(config),
+                                          first_set_fn=(lambda x: first_set.update(samples=x)) if keep_first_set else None)
     except (ValueError, FileNotFoundError) as e:
         if strict:
             raise
@@ -662,10 +673,11 @@ def sample_and_score(run: Run, params, step: int, writer=None, *, prefix: str = 
         if timing['rest']:
             result['images_per_sec_after_compile'] = timing['rest'] / max(timing['rest_seconds'], 1e-9)
 
+    with contextlib.suppress(OSError):  # eval/ itself, once no evaluation has blocks there
+        blocks_root.rmdir()
     # The first seed set, in seed order, when evaluation drew it; else draw the grid's samples.
-    first = [blocks[k] for k in sorted(blocks) if k < config.eval.seed + config.eval.num_samples]
-    samples = np.concatenate(first)[:config.eval.num_samples] if first else None
-    if samples is None or config.eval.seed != config.sample.seed or len(samples) < config.sample.num_samples:
+    samples = first_set.get('samples')
+    if samples is None:
         samples = _sample(run, params, config.sample.num_samples)
     if run.is_main:
         npz_path, grid_path, grid = _write_samples(run, samples, step, prefix, paths=paths,
@@ -702,14 +714,19 @@ def _restore_ema(run: Run):
     return step, state.ema_params
 
 
+def _sampler_settings(config) -> dict:
+    """The sample.* settings that change the samples (not how many, the batch size or the first
+    seed): part of the fingerprint of --mode=sample's batches and of the evaluation's blocks."""
+    return {k: v for k, v in _as_json(config)['sample'].items() if k not in ('num_samples', 'batch_size', 'seed')}
+
+
 def _batches_dir(run: Run, step: int) -> tuple[pathlib.Path, dict]:
     """(samples/batches_<step>_seed<seed>_<hash>/, its fingerprint): where --mode=sample keeps its
     finished batches until the .npz is written. The fingerprint (checkpoint step and every
     sample.* setting) and the hash of everything in the manifest key the directory, so another
     setting draws afresh beside it and the same settings resume it."""
     config = run.config
-    sample = {k: v for k, v in _as_json(config)['sample'].items() if k not in ('num_samples', 'batch_size', 'seed')}
-    fingerprint = {'step': int(step), 'sample': sample}
+    fingerprint = {'step': int(step), 'sample': _sampler_settings(config)}
     num, seed = config.sample.num_samples, config.sample.seed
     key = generate.manifest(num, seed, min(config.sample.batch_size, num), run.image_shape,
                             _labels(run, seed, num) if run.label_dim else None, fingerprint)

@@ -68,22 +68,44 @@ random features, so the two never overwrite each other. For an embedded data set
 computed on the spot (seconds) and written there, so a default run on the photos scores with no
 `--mode=ref`; TFDS data sets, and Inception features, need the explicit `--mode=ref`.
 
+Resuming a killed draw: with `blocks_root` (the runner: <workdir>/eval), each seed set is drawn
+into its own directory `blocks_root/blocks_<step:08d>_seed<seed>_<hash>/` (`blocks_dir`), as
+--mode=sample draws into `generate.sample_many`'s out_dir:
+
+  manifest.json            `draw_manifest`: eval.num_samples, the set's first seed, eval.batch_size,
+                           the image shape and, as its fingerprint, the checkpoint step, the
+                           caller's sampler settings and what is kept (images, the features'
+                           network); a directory whose manifest differs is refused, naming the field
+  block_000000000.npz      what the draw keeps of the block of samples start .. start + batch_size
+  ...                      - 1 (start in the name): `images` [n, H, W, C] when the samples are kept
+                           (the digits; the first set when `first_set_fn` is given), `pool` [n, D]
+                           and `logits` [n, C] of the feature network; each written to a temporary
+                           name, then renamed
+
+A later call with the same settings loads the finished blocks and draws only the others (the
+results are those of an uninterrupted draw); the directories are removed once the scores are
+written. Without `blocks_root` everything stays in memory.
+
 Several processes: every process calls these functions. Each draws and scores its own share of
 the seeds (contiguous blocks of `config.eval.batch_size` seeds), and the features are gathered
 with `metrics.gather_features` in seed order, so the results do not depend on the number of
 processes. `sample_fn` is called the same number of times with the same sizes on every process
 (the last blocks are padded with seeds past the set, whose samples are dropped): a sampler over
-parameters sharded across processes stays in step. Only the main process writes files.
+parameters sharded across processes stays in step; so, resuming, a block is loaded only where
+every process has finished its block at that place in its share. Each process writes its own
+blocks; only the main process writes the other files.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
 import pathlib
+import shutil
 import time
 from typing import Callable
 
@@ -91,8 +113,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import data, images, metrics
+from jaxdiff import data, generate, images, metrics
 from jaxdiff.nets import random_features
+from jaxdiff import workdir as wd
 from jaxdiff.workdir import write_atomically
 from jaxdiff.monitor import log as _logger
 
@@ -401,34 +424,131 @@ def _is_main() -> bool:
 # Scoring one set of samples
 
 
+BLOCK_FILES = 'block_*.npz'
+
+
+def block_path(blocks_dir, start: int) -> pathlib.Path:
+    """blocks_dir/block_<start:09d>.npz: what a draw keeps of the samples start .. start +
+    eval.batch_size - 1 of its set (seeds seed + start, ...)."""
+    return pathlib.Path(blocks_dir) / f'block_{start:09d}.npz'
+
+
+def draw_manifest(config, seed: int, *, step: int, keep_images: bool, network: str | None,
+                  fingerprint=None) -> dict:
+    """What the block files of the set from `seed` depend on (`generate.manifest`'s fields):
+    eval.num_samples, seed, eval.batch_size, the data's image shape, and as the fingerprint the
+    checkpoint `step`, the caller's `fingerprint` (JSON: the sampler's settings) and what is kept
+    ('images': bool, 'features': the network's name or None)."""
+    d = config.data
+    return generate.manifest(config.eval.num_samples, seed, config.eval.batch_size,
+                             (d.resolution, d.resolution, d.channels),
+                             fingerprint={'step': int(step), 'sampler': fingerprint,
+                                          'keeps': {'images': bool(keep_images), 'features': network}})
+
+
+def blocks_dir(root, manifest: dict) -> pathlib.Path:
+    """root/blocks_<step:08d>_seed<seed>_<hash>: the block files of one seed set; the hash of the
+    whole manifest gives other settings another directory (as --mode=sample's batches_*)."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:8]
+    return pathlib.Path(root) / f'blocks_{manifest["fingerprint"]["step"]:08d}_seed{manifest["seed"]}_{digest}'
+
+
+def _load_block(path: pathlib.Path, count: int, keys: tuple[str, ...], image_shape) -> dict:
+    """{key: float32 array} of one block file, which must hold exactly `keys`, `count` rows each
+    (images of `image_shape`, pool and logits 2-D); a ValueError names the file."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            block = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f'{path} is not a readable .npz file ({type(e).__name__}: {e}): delete it to '
+                         'draw that block again') from None
+    shapes = {k: list(v.shape) for k, v in block.items()}
+    good = (sorted(block) == sorted(keys) and all(v.dtype == np.float32 and len(v) == count for v in block.values())
+            and ('images' not in block or block['images'].shape[1:] == tuple(image_shape))
+            and all(block[k].ndim == 2 for k in ('pool', 'logits') if k in block))
+    if not good:
+        raise ValueError(f'{path} holds {shapes}, expected float32 {list(keys)} of {count} rows (images '
+                         f'{list(image_shape)}): delete it to draw that block again')
+    return block
+
+
+def _finished_blocks(directory: pathlib.Path, manifest: dict, share: list[tuple[int, int]],
+                     keys: tuple[str, ...]) -> dict[int, dict]:
+    """{start: block} of the blocks of this process's `share` to load from `directory` (created, its
+    manifest written or checked by `generate.check_manifest`, the stale temporary files of the
+    share's blocks removed): those at the places in the share where every process has finished its
+    block, so that all processes call sample_fn alike (a process's own finished block elsewhere is
+    drawn again)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    generate.check_manifest(directory, manifest, files=BLOCK_FILES)
+    for start, _ in share:  # left by a run killed while writing; another process's are its own
+        for stale in directory.glob(f'.{block_path(directory, start).name}.*.tmp'):
+            stale.unlink(missing_ok=True)
+    have = np.array([[block_path(directory, start).exists() for start, _ in share]], np.float32)
+    everywhere = _gather(have).min(axis=0) > 0  # [processes, places] -> [places]
+    return {start: _load_block(block_path(directory, start), count, keys, manifest['image_shape'])
+            for (start, count), done in zip(share, everywhere) if done}
+
+
 def _draw(sample_fn, config, seed: int, *, keep_images: bool, features_fn: FeaturesFn | None,
-          progress_desc: str):
+          progress_desc: str, directory=None, manifest: dict | None = None):
     """Sample this process's share of the seeds [seed, seed + N) in blocks of eval.batch_size
     (each block one `sample_fn(batch_size, block seed)` call, featurised whole: full batches only,
     the samples past the set dropped afterwards); return (images or None, pool or None, logits or
-    None) of the whole set, gathered across processes in seed order."""
+    None) of the whole set, gathered across processes in seed order, and the number of samples
+    loaded (all processes').
+
+    directory: optional; each finished block is written there (`block_path`), and the blocks an
+    earlier call finished are loaded instead of drawn (`_finished_blocks`; `manifest` from
+    `draw_manifest` identifies the draw). The result is the same either way."""
     n, bs = config.eval.num_samples, config.eval.batch_size
-    kept_images, pools, logits = [], [], []
-    bar = tqdm(total=n, unit='img', desc=progress_desc, disable=not _is_main(), dynamic_ncols=True,
-               mininterval=1.0, leave=False)
+    keys = ('images',) * keep_images + ('pool', 'logits') * (features_fn is not None)
+    share = process_share(n, bs)
+    blocks = {}
+    if directory is not None:
+        directory = pathlib.Path(directory)
+        blocks = _finished_blocks(directory, manifest, share, keys)
+    places = {k for k, (start, _) in enumerate(share) if start in blocks}  # the same on every process
+    loaded = sum(count for p in range(jax.process_count())
+                 for k, (_, count) in enumerate(process_share(n, bs, p)) if k in places)
+    bar = tqdm(total=n, initial=loaded, unit='img', desc=progress_desc, disable=not _is_main(),
+               dynamic_ncols=True, mininterval=1.0, leave=False)
     try:
-        for start, count in process_share(n, bs):  # at least one block, maybe all padding
+        for start, count in share:  # at least one block, maybe all padding
+            if start in blocks:
+                continue
             x = np.asarray(sample_fn(bs, seed + start), np.float32)
             if x.ndim != 4 or len(x) != bs:
                 raise ValueError(f'sample_fn({bs}, seed) must return [{bs}, H, W, C] images, got {x.shape}')
-            if keep_images:
-                kept_images.append(x[:count])
+            if directory is not None and list(x.shape[1:]) != manifest['image_shape']:
+                raise ValueError(f'sample_fn returned images of shape {list(x.shape[1:])}, but the data '
+                                 f'(data.resolution, data.channels) are {manifest["image_shape"]}')
+            block = {'images': x[:count]} if keep_images else {}
             if features_fn is not None:
                 p, l = batched_features(features_fn, x, bs)
-                pools.append(p[:count])
-                logits.append(l[:count])
+                block.update(pool=p[:count], logits=l[:count])
+            if directory is not None:
+                wd.write_atomically(block_path(directory, start), lambda f: np.savez(f, **block))
+            blocks[start] = block
             bar.update(count * jax.process_count())
     finally:
         bar.close()
-    whole = lambda parts: _gather(np.concatenate(parts))  # every process gathers, in step
-    return (whole(kept_images) if keep_images else None,
-            whole(pools) if features_fn is not None else None,
-            whole(logits) if features_fn is not None else None)
+    # every process gathers, in step
+    whole = lambda key: _gather(np.concatenate([blocks[start][key] for start, _ in share])) if key in keys else None
+    return whole('images'), whole('pool'), whole('logits'), loaded
+
+
+def _remove_blocks(directories: list[pathlib.Path]) -> None:
+    """Remove the seed sets' block directories once the scores are written: after every process
+    gets here (the main one wrote the report), each removes them (several processes may share a
+    file system, so a file another removed first is no error)."""
+    if not directories:
+        return
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('jaxdiff_eval_scores_written')
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=jax.process_count() > 1)
 
 
 def _score_features(config, pool, logits, ref: Reference | None, wanted) -> dict:
@@ -592,7 +712,8 @@ def _over_sets(sets: list[dict]) -> dict:
 
 def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, step: int, workdir=None,
                      denoise=None, features_fn: FeaturesFn | None = None, run_info: dict | None = None,
-                     labels_fn: Callable | None = None,
+                     labels_fn: Callable | None = None, blocks_root=None, fingerprint=None,
+                     first_set_fn: Callable[[np.ndarray], None] | None = None,
                      log: Callable = _logger.info) -> dict:
     """Sample `config.eval.seed_sets` sets of `config.eval.num_samples` images and score them with
     `config.eval.metrics` on the features of `config.eval.features` (module docstring); write
@@ -611,6 +732,14 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
       (digits: `label_agreement`, and `per_class_fd` by requested class).
     run_info: JSON-able fields recorded with the run fields (e.g. the sampler's description and
       network evaluations per sample).
+    blocks_root: optional directory (e.g. <workdir>/eval; given on every process or on none) of
+      the resumable block directories (module docstring), removed once the scores are written;
+      None (the default) keeps everything in memory. The result is the same either way.
+    fingerprint: JSON-able value kept in their manifests: what identifies `sample_fn` besides
+      `step` (the sampler's settings); a later call with another draws into another directory.
+    first_set_fn: optional, called (every process) with the first seed set's samples [N, H, W, C]
+      float32 in seed order, all processes' (e.g. to write them); that set's blocks keep the
+      images too, so a resumed draw has them.
     log: `log(fmt, *args)` for progress lines.
 
     The dict: run fields (step, method, data, features, metrics, num_samples, seed, seed_sets,
@@ -630,7 +759,7 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
             raise ValueError("eval.metrics has 'bpd', which needs the model's denoiser or process model "
                              "(evaluate_samples(..., denoise=D)); this method has no likelihood (drop 'bpd')")
     # Everything that can fail is loaded before hours of sampling: the reference, the weights.
-    ref = ref_path = network = None
+    ref = ref_path = network = network_name = None
     skipped = {}
     if sample_metrics and kind != 'digits':
         network, network_name = _network(config, kind, features_fn)
@@ -646,16 +775,27 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
 
     n, sets_count = e.num_samples, e.seed_sets
     seeds = [e.seed + j * n for j in range(sets_count)]
-    sets, sample_seconds = [], 0.0
+    sets, sample_seconds, directories = [], 0.0, []
     for j, seed in enumerate(seeds if sample_metrics else []):
         seed_range = f'{seed}-{seed + n - 1}'
+        keep_images = kind == 'digits' or (j == 0 and first_set_fn is not None)
+        directory = manifest = None
+        if blocks_root is not None:
+            manifest = draw_manifest(config, seed, step=step, keep_images=keep_images,
+                                     network=network_name, fingerprint=fingerprint)
+            directory = blocks_dir(blocks_root, manifest)
+            directories.append(directory)
         start = time.perf_counter()
-        samples, pool, logits = _draw(sample_fn, config, seed, keep_images=kind == 'digits',
-                                      features_fn=network, progress_desc=f'eval set {j + 1}/{sets_count}')
+        samples, pool, logits, loaded = _draw(sample_fn, config, seed, keep_images=keep_images, features_fn=network,
+                                              progress_desc=f'eval set {j + 1}/{sets_count}', directory=directory,
+                                              manifest=manifest)
         seconds = time.perf_counter() - start
         sample_seconds += seconds
-        log('Sampled%s %d images (seeds %s) in %.1f s: %.1f images/s', ' and featurised' if network else '',
-            n, seed_range, seconds, n / seconds)
+        log('Sampled%s %d images (seeds %s) in %.1f s: %.1f images/s%s', ' and featurised' if network else '',
+            n - loaded, seed_range, seconds, (n - loaded) / max(seconds, 1e-9),
+            f'; {loaded} more loaded from the blocks in {directory}' if loaded else '')
+        if j == 0 and first_set_fn is not None:
+            first_set_fn(samples)
         if kind == 'digits':
             requested = None if labels_fn is None else np.asarray(labels_fn(np.arange(seed, seed + n)))
             report = score_digits(config, samples, requested, sample_metrics)
@@ -703,6 +843,7 @@ def evaluate_samples(config, sample_fn: Callable[[int, int], np.ndarray], *, ste
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + '\n')
         log('Wrote %s', path)
+    _remove_blocks(directories)
     return result
 
 

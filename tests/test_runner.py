@@ -385,6 +385,47 @@ def test_killed_sample_mode_resumes_at_its_last_finished_batch(tmp_path, monkeyp
     assert len(list((tmp_path / 'samples').glob('batches_*'))) == 1  # the killed 4-step run's
 
 
+def test_killed_eval_mode_resumes_at_its_last_finished_block(tmp_path, monkeypatch):
+    """--mode=eval draws each seed set into eval/blocks_*/: killed at its third block (two
+    written), started again, it draws only the last two, writes the scores and samples an
+    uninterrupted evaluation writes, and removes the blocks once eval_<step>.json is written."""
+    config = tiny_config(4)
+    config.eval.batch_size = 8  # 32 samples: blocks of 8 seeds from 0, 8, 16, 24
+    runner.train_and_evaluate(config, tmp_path)
+    calls, kill_at = [], [2]
+    build_sampling = builders.build_sampling
+
+    def counting(*args, **kwargs):
+        sampling = build_sampling(*args, **kwargs)
+
+        def draw(*a):
+            if len(calls) == kill_at[0]:
+                raise KeyboardInterrupt('killed')
+            calls.append(1)
+            return sampling.draw(*a)
+        return dataclasses.replace(sampling, draw=draw)
+    monkeypatch.setattr(builders, 'build_sampling', counting)
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.eval_mode(config, tmp_path)
+    blocks, = (tmp_path / 'eval').glob('blocks_00000004_seed0_*')
+    assert sorted(p.name for p in blocks.glob('block_*.npz')) == ['block_000000000.npz', 'block_000000008.npz']
+    assert not list(tmp_path.glob('eval_*.json'))
+
+    calls.clear()
+    kill_at[0] = None
+    runner.eval_mode(config, tmp_path)
+    assert len(calls) == 2  # blocks 16 and 24 only
+    assert not (tmp_path / 'eval').exists()
+    runner.eval_mode(config, tmp_path)  # uninterrupted: all four blocks afresh
+    assert len(calls) == 6
+    resumed, uninterrupted = (json.loads((tmp_path / f'eval_00000004{n}.json').read_text()) for n in ('', '.1'))
+    assert resumed['fd'] == uninterrupted['fd'] and resumed['class_histogram'] == uninterrupted['class_histogram']
+    with np.load(tmp_path / resumed['samples_file']) as f, np.load(tmp_path / uninterrupted['samples_file']) as g:
+        assert f['images'].shape == (32, 8, 8, 1)
+        np.testing.assert_array_equal(f['images'], g['images'])
+
+
 # ------------------------------------------------------------------------------------------------
 # The work directory: config against the checkpoints, the lock, failures during a run.
 

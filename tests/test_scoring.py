@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import sys
 import textwrap
 
@@ -516,11 +517,138 @@ def test_bpd_needs_a_process_and_a_denoiser():
 
 
 # ---------------------------------------------------------------------------------------------
+# Resuming a killed draw (blocks_root, scoring._draw's directory)
+
+
+class Killed(Exception):
+    """What a sample_fn raises to stand for the process being killed."""
+
+
+def killed_at(sample_fn, call: int | None, calls: list):
+    """sample_fn that records its calls and raises Killed at call number `call` (0-based; None: never)."""
+    def wrapped(num, seed):
+        if len(calls) == call:
+            raise Killed(f'killed at call {call}')
+        calls.append((num, seed))
+        return sample_fn(num, seed)
+    return wrapped
+
+
+def resume_draw(directory, sample_fn, *, seed=5, step=3, keep_images=True, features_fn=None, **eval_fields):
+    """scoring._draw of the faces (50 samples from `seed` in 7 blocks of 8) into `directory` (None: in memory)."""
+    config = faces_config(**{'num_samples': 50, 'batch_size': 8, **eval_fields})
+    manifest = scoring.draw_manifest(config, seed, step=step, keep_images=keep_images, network='custom',
+                                     fingerprint={'num_steps': 18})
+    return scoring._draw(sample_fn, config, seed, keep_images=keep_images, features_fn=features_fn or StandIn(625),
+                         progress_desc='test', directory=directory, manifest=manifest)
+
+
+def test_a_killed_draw_resumes_at_its_finished_blocks_with_the_same_results(tmp_path, monkeypatch):
+    """Killed at its fourth block (three written), a draw started again in the same directory calls
+    sample_fn for the four others only, its bar starts at the 24 loaded, and it returns exactly
+    what an uninterrupted draw returns (images, pool features, logits)."""
+    uninterrupted = resume_draw(None, faces_sampler())
+    assert uninterrupted[3] == 0
+    calls = []
+    with pytest.raises(Killed):
+        resume_draw(tmp_path, killed_at(faces_sampler(), 3, calls))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'block_000000000.npz', 'block_000000008.npz', 'block_000000016.npz', 'manifest.json']
+    bars = []
+    monkeypatch.setattr(scoring, 'tqdm', lambda **kwargs: bars.append(kwargs) or NoBar())
+    calls.clear()
+    resumed = resume_draw(tmp_path, killed_at(faces_sampler(), None, calls))
+    assert calls == [(8, 5 + start) for start in (24, 32, 40, 48)]
+    assert resumed[3] == 24 and bars[0]['initial'] == 24 and bars[0]['total'] == 50
+    for got, want in zip(resumed[:3], uninterrupted[:3]):
+        assert got.shape[0] == 50
+        np.testing.assert_array_equal(got, want)
+    calls.clear()  # all seven blocks there now: nothing drawn, the same results
+    again = resume_draw(tmp_path, killed_at(faces_sampler(), None, calls))
+    assert calls == [] and again[3] == 50
+    for got, want in zip(again[:3], uninterrupted[:3]):
+        np.testing.assert_array_equal(got, want)
+
+
+class NoBar:
+    """A tqdm stand-in that shows nothing."""
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize('change,field', [({'seed': 6}, 'seed'), ({'step': 4}, 'fingerprint.step'),
+                                          ({'keep_images': False}, 'fingerprint.keeps.images'),
+                                          ({'batch_size': 10}, 'batch_size')])
+def test_a_directory_of_another_draw_is_refused_naming_the_field(tmp_path, change, field):
+    with pytest.raises(Killed):
+        resume_draw(tmp_path, killed_at(faces_sampler(), 2, []))
+    where, field = re.escape(str(tmp_path)), re.escape(field)
+    with pytest.raises(ValueError, match=rf'^{where}/manifest\.json was written with {field}=.*this call has '
+                                         rf'{field}=.*delete {where}$'):
+        resume_draw(tmp_path, no_sampling, **change)
+    assert len(list(tmp_path.glob('block_*.npz'))) == 2  # nothing mixed in
+
+
+def test_stale_temporary_block_files_are_removed_and_a_broken_block_is_named(tmp_path):
+    uninterrupted = resume_draw(None, faces_sampler())
+    with pytest.raises(Killed):
+        resume_draw(tmp_path, killed_at(faces_sampler(), 2, []))
+    stale = tmp_path / '.block_000000016.npz.0123abcd.tmp'  # a run killed while writing block 16
+    stale.write_bytes(b'half a file')
+    calls = []
+    resumed = resume_draw(tmp_path, killed_at(faces_sampler(), None, calls))
+    assert not stale.exists() and len(calls) == 5
+    np.testing.assert_array_equal(resumed[1], uninterrupted[1])
+    (tmp_path / 'block_000000008.npz').write_bytes(b'not an npz')
+    with pytest.raises(ValueError, match=r'block_000000008\.npz is not a readable \.npz file.*delete it'):
+        resume_draw(tmp_path, no_sampling)
+
+
+def test_an_evaluation_with_blocks_root_resumes_and_removes_its_directories(tmp_path, stand_in):
+    """evaluate_samples with blocks_root: one directory per seed set; killed in the second set, the
+    evaluation started again draws only the unfinished blocks, reports the figures of an in-memory
+    evaluation, hands first_set_fn the same samples, and removes the directories once the JSON is
+    written."""
+    mu, sigma = metrics.feature_statistics(stand_in(faces())[0])
+    scoring.save_reference(tmp_path / 'ref.npz', mu, sigma, features=stand_in(faces()[:60])[0])
+    config = faces_config(num_samples=40, batch_size=16, seed_sets=2, ref=str(tmp_path / 'ref.npz'))
+    firsts = []
+    in_memory = scoring.evaluate_samples(config, faces_sampler(), step=3, first_set_fn=firsts.append, log=Lines())
+    root, calls = tmp_path / 'eval', []
+    with pytest.raises(Killed):  # set 1's blocks done, set 2's first done, its second killed
+        scoring.evaluate_samples(config, killed_at(faces_sampler(), 4, calls), step=3, workdir=tmp_path,
+                                 blocks_root=root, fingerprint={'num_steps': 18}, first_set_fn=firsts.append)
+    dirs = sorted(root.iterdir())
+    assert [d.name.split('_')[:3] for d in dirs] == [['blocks', '00000003', 'seed0'], ['blocks', '00000003', 'seed40']]
+    assert [len(list(d.glob('block_*.npz'))) for d in dirs] == [3, 1]
+    with np.load(dirs[0] / 'block_000000000.npz') as f:
+        assert sorted(f.files) == ['images', 'logits', 'pool']  # set 1's images kept for first_set_fn
+    with np.load(dirs[1] / 'block_000000000.npz') as f:
+        assert sorted(f.files) == ['logits', 'pool']
+    calls.clear()
+    log = Lines()
+    resumed = scoring.evaluate_samples(config, killed_at(faces_sampler(), None, calls), step=3, workdir=tmp_path,
+                                       blocks_root=root, fingerprint={'num_steps': 18}, first_set_fn=firsts.append,
+                                       log=log)
+    assert calls == [(16, 40 + 16), (16, 40 + 32)]
+    assert '; 40 more loaded from the blocks in' in log and '; 16 more loaded from the blocks in' in log
+    assert without_times(resumed) == without_times(in_memory)
+    np.testing.assert_array_equal(firsts[-1], firsts[0])
+    assert firsts[0].shape == (40, 25, 25, 1)
+    assert json.loads((tmp_path / 'eval_00000003.json').read_text()) == json.loads(json.dumps(resumed))
+    assert list(root.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
 # Two processes (slow): jax.distributed over gloo
 
 
 TWO_PROCESS_SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json, os, sys
     sys.path[:0] = [{repo!r}, {tests!r}]
     import jax, numpy as np
     jax.config.update('jax_platforms', 'cpu')
@@ -528,13 +656,26 @@ TWO_PROCESS_SCRIPT = textwrap.dedent('''
     process = int(sys.argv[1])
     jax.distributed.initialize(coordinator_address={address!r}, num_processes=2, process_id=process)
     from jaxdiff import scoring
-    from test_scoring import StandIn, faces_config, faces_sampler, digits_config, digits_sampler
+    from test_scoring import StandIn, Killed, faces_config, faces_sampler, digits_config, digits_sampler, killed_at
     out = {{}}
     calls = []
     config = faces_config(num_samples=50, batch_size=8, seed_sets=2, ref={ref!r})
     out['faces'] = scoring.evaluate_samples(config, faces_sampler(calls), step=0, features_fn=StandIn(625))
     out['calls'] = calls
     out['digits'] = scoring.evaluate_samples(digits_config(), digits_sampler(), step=0)
+    # Killed (both processes) after 3 and 1 of their 4 blocks of set 1, then resumed: only the
+    # place both finished (the first) is loaded; both make the same calls again.
+    root, calls = {out!r} + '/blocks', []
+    try:
+        scoring.evaluate_samples(config, killed_at(faces_sampler(), [3, 1][process], calls), step=0,
+                                 features_fn=StandIn(625), blocks_root=root)
+    except Killed:
+        pass
+    calls.clear()
+    out['resumed'] = scoring.evaluate_samples(config, faces_sampler(calls), step=0, features_fn=StandIn(625),
+                                              blocks_root=root)
+    out['resumed_calls'] = calls
+    out['blocks_left'] = os.listdir(root)
     config = faces_config(batch_size=16, ref_num_features=50)
     scoring.compute_reference(config, {out!r} + '/ref_two.npz', features_fn=StandIn(625))
     with open({out!r} + f'/process_{{process}}.json', 'w') as f:
@@ -566,7 +707,7 @@ def without_times(result):
 def test_two_processes_score_as_one(tmp_path, coordinator_address, process_runner):
     """Each process samples and featurises its share; the figures (Inception path with the
     stand-in, and the digits) equal one process's; both processes make the same number of
-    sample_fn calls; the reference statistics merged across processes equal one process's."""
+    sample_fn calls, also when a killed draw resumes from their block files; the reference statistics merged across processes equal one process's."""
     net = StandIn(625)
     mu, sigma = metrics.feature_statistics(net(faces())[0])
     scoring.save_reference(tmp_path / 'ref.npz', mu, sigma, features=net(faces()[:40])[0])
@@ -585,6 +726,10 @@ def test_two_processes_score_as_one(tmp_path, coordinator_address, process_runne
     # 7 blocks of 8 per set: process 0 blocks 0-3, process 1 blocks 4-7 (block 7 past the set).
     assert results[0]['calls'] == [[8, s + 8 * b] for s in (0, 50) for b in range(4)]
     assert results[1]['calls'] == [[8, s + 8 * b] for s in (0, 50) for b in range(4, 8)]
+    for result in results:  # a killed two-process evaluation resumed: the same figures
+        assert without_times(result['resumed']) == without_times(one) and result['blocks_left'] == []
+    assert results[0]['resumed_calls'] == [[8, 8 * b] for b in (1, 2, 3)] + [[8, 50 + 8 * b] for b in range(4)]
+    assert results[1]['resumed_calls'] == [[8, 8 * b] for b in (5, 6, 7)] + [[8, 50 + 8 * b] for b in range(4, 8)]
     config = faces_config(batch_size=16, ref_num_features=50)
     scoring.compute_reference(config, tmp_path / 'ref_one.npz', features_fn=StandIn(625))
     two, single = scoring.load_reference(tmp_path / 'ref_two.npz'), scoring.load_reference(tmp_path / 'ref_one.npz')
