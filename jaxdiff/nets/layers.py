@@ -217,7 +217,7 @@ def standardize(x, axes: tuple[int, ...], eps: float):
 
     a symmetric linear map, so the gradient is the same formula in g = dL/dy. Autodiff's trace
     through the two reductions gave XLA:CPU fused backward passes about twice as long; the
-    digits preset's training step ran about 4% faster with this (benchmarks/RESULTS.md §16)."""
+    digits preset's training step ran 4-7% faster with this (benchmarks/RESULTS.md §16)."""
     return _standardize(x, axes, eps)[0]
 
 
