@@ -45,7 +45,8 @@ RUNS = {
 def run(name: str, out: pathlib.Path, images: int, extra: list[str]) -> dict:
     workdir = out / name.replace('+', '_')
     cmd = [sys.executable, 'launch.py', '--config=configs/simple_diffusion.py', f'--workdir={workdir}',
-           f'--config.train.total_images={images}', *COMMON, *RUNS[name], *extra]
+           f'--config.train.total_images={images}', '--config.train.compilation_cache=none',  # cold compiles: comparable walls
+           *COMMON, *RUNS[name], *extra]
     start = time.time()
     with open(out / f"{name.replace('+', '_')}.log", 'w') as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)

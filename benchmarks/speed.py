@@ -503,6 +503,11 @@ def fmt(value, spec: str = '.0f', scale: float = 1.0) -> str:
     return '' if value is None else format(value / scale, spec)
 
 
+def fmt_rate(value) -> str:
+    """An img/s figure: whole numbers from 10 up, three significant digits below (a CPU's CIFAR-10)."""
+    return '' if value is None else format(value, '.0f' if value >= 10 else '.3g')
+
+
 def ratio(a, b):
     return a / b if a and b else None
 
@@ -535,13 +540,13 @@ def summary_line(row: dict, rows: list[dict]) -> str:
         return f'{head} ({why(row)})'
     if row['kind'] == 'edm':
         return head + ''.join(
-            f"\n  {dtype} ({res['precision']}): EDM train {fmt(res['train_img_s'])}, sample {fmt(res['sample_img_s'])} "
+            f"\n  {dtype} ({res['precision']}): EDM train {fmt_rate(res['train_img_s'])}, sample {fmt_rate(res['sample_img_s'])} "
             f"img/s; jaxdiff/EDM train {fmt(ratio(mine.get('train_img_s'), res['train_img_s']), '.2f')}, "
             f"sample {fmt(ratio(mine.get('sample_img_s'), res['sample_img_s']), '.2f')}"
             for dtype, res in row.get('results', {}).items() for mine in [find_row(rows, 'jaxdiff', row['case'], dtype)])
-    return (f"{head}: train {fmt(row.get('train_img_s'))} img/s (compile {fmt(row.get('train_compile_s'), '.1f')} s), "
+    return (f"{head}: train {fmt_rate(row.get('train_img_s'))} img/s (compile {fmt(row.get('train_compile_s'), '.1f')} s), "
             f"{fmt(row.get('train_achieved_tflops'), '.3g')} TFLOP/s = {fmt(row.get('fraction_of_peak'), '.1%')} of "
-            f"peak; sample {fmt(row.get('sample_img_s'))} img/s, forward {fmt(row.get('forward_img_s'))} img/s")
+            f"peak; sample {fmt_rate(row.get('sample_img_s'))} img/s, forward {fmt_rate(row.get('forward_img_s'))} img/s")
 
 
 COLUMNS = ('case', 'network', 'params', 'dtype', 'batch', 'train img/s', 'compile s (train / sampler)',
@@ -554,11 +559,11 @@ def table_cells(r: dict, rows: list[dict]) -> list[str]:
     """The cells after `batch` of a jaxdiff row with figures."""
     edm, gib = edm_result(rows, r['case'], r['dtype']), 2 ** 30
     peak = r.get('peak_tflops_per_device') and r['peak_tflops_per_device'] * r.get('devices', 1)
-    return [fmt(r.get('train_img_s')), f"{fmt(r.get('train_compile_s'), '.1f')} / {fmt(r.get('sample_compile_s'), '.1f')}",
-            fmt(r.get('sample_img_s')), fmt(r.get('forward_img_s')), fmt(r.get('scan_ratio'), '.2f'),
+    return [fmt_rate(r.get('train_img_s')), f"{fmt(r.get('train_compile_s'), '.1f')} / {fmt(r.get('sample_compile_s'), '.1f')}",
+            fmt_rate(r.get('sample_img_s')), fmt_rate(r.get('forward_img_s')), fmt(r.get('scan_ratio'), '.2f'),
             fmt(r.get('train_achieved_tflops'), '.3g'), fmt(peak, '.3g'), fmt(r.get('fraction_of_peak'), '.1%'),
             fmt((r.get('train_memory') or {}).get('total'), '.2f', gib), fmt(r.get('device_peak_bytes'), '.2f', gib),
-            f"{fmt(edm['train_img_s'])} / {fmt(edm['sample_img_s'])} ({edm['precision']})" if edm else '',
+            f"{fmt_rate(edm['train_img_s'])} / {fmt_rate(edm['sample_img_s'])} ({edm['precision']})" if edm else '',
             (f"{fmt(ratio(r.get('train_img_s'), edm['train_img_s']), '.2f')}, "
              f"{fmt(ratio(r.get('sample_img_s'), edm['sample_img_s']), '.2f')}") if edm else '',
             (r.get('load_average') or '').split(' ')[0]]
