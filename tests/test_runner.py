@@ -333,6 +333,26 @@ def test_sample_mode_without_checkpoint(tmp_path):
     assert not (tmp_path / 'empty').exists()  # a mistyped workdir is not created
 
 
+def count_and_kill_draws(monkeypatch, kill_at: int | None):
+    """Patch builders.build_sampling so each batch drawn appends to `calls` and the draw after
+    `kill_at[0]` finished ones raises KeyboardInterrupt (None: never); returns (calls, kill_at),
+    both mutable for the test to reset."""
+    calls, kill = [], [kill_at]
+    build_sampling = builders.build_sampling
+
+    def counting(*args, **kwargs):
+        sampling = build_sampling(*args, **kwargs)
+
+        def draw(*a):
+            if len(calls) == kill[0]:
+                raise KeyboardInterrupt('killed')
+            calls.append(1)
+            return sampling.draw(*a)
+        return dataclasses.replace(sampling, draw=draw)
+    monkeypatch.setattr(builders, 'build_sampling', counting)
+    return calls, kill
+
+
 def test_killed_sample_mode_resumes_at_its_last_finished_batch(tmp_path, monkeypatch):
     """--mode=sample over several batches writes each finished one to samples/batches_*/: a run
     killed while dispatching its fourth batch (two finished), started again, draws only the last two,
@@ -341,19 +361,7 @@ def test_killed_sample_mode_resumes_at_its_last_finished_batch(tmp_path, monkeyp
     config = tiny_config(4)
     config.sample.num_samples, config.sample.batch_size = 56, 16  # batches of 16, 16, 16 and 8
     runner.train_and_evaluate(config, tmp_path)
-    calls, kill_at = [], [3]
-    build_sampling = builders.build_sampling
-
-    def counting(*args, **kwargs):
-        sampling = build_sampling(*args, **kwargs)
-
-        def draw(*a):
-            if len(calls) == kill_at[0]:
-                raise KeyboardInterrupt('killed')
-            calls.append(1)
-            return sampling.draw(*a)
-        return dataclasses.replace(sampling, draw=draw)
-    monkeypatch.setattr(builders, 'build_sampling', counting)
+    calls, kill_at = count_and_kill_draws(monkeypatch, kill_at=3)
 
     with pytest.raises(KeyboardInterrupt):  # batch 3's draw killed: 0 and 1 written, 2 in flight
         runner.sample_mode(config, tmp_path)
@@ -392,19 +400,7 @@ def test_killed_eval_mode_resumes_at_its_last_finished_block(tmp_path, monkeypat
     config = tiny_config(4)
     config.eval.batch_size = 8  # 32 samples: blocks of 8 seeds from 0, 8, 16, 24
     runner.train_and_evaluate(config, tmp_path)
-    calls, kill_at = [], [2]
-    build_sampling = builders.build_sampling
-
-    def counting(*args, **kwargs):
-        sampling = build_sampling(*args, **kwargs)
-
-        def draw(*a):
-            if len(calls) == kill_at[0]:
-                raise KeyboardInterrupt('killed')
-            calls.append(1)
-            return sampling.draw(*a)
-        return dataclasses.replace(sampling, draw=draw)
-    monkeypatch.setattr(builders, 'build_sampling', counting)
+    calls, kill_at = count_and_kill_draws(monkeypatch, kill_at=2)
 
     with pytest.raises(KeyboardInterrupt):
         runner.eval_mode(config, tmp_path)
